@@ -1,0 +1,125 @@
+"""Checkpoints: safetensors only, written atomically, the last K kept, resumable exactly.
+
+Layout of RUN_DIR/checkpoints/step_000123/:
+  policy/            save_pretrained (safetensors) of the policy, or the LoRA adapter, plus the tokenizer
+  value_head.safetensors
+  trainer.safetensors optimizer state tensors, RNG states; JSON metadata: step, param groups, scheduler, sampler
+The directory is written as step_000123.tmp and renamed into place, so a crash never leaves a half checkpoint
+under a final name.
+"""
+import json
+import os
+import random
+import re
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+STEP_DIR = re.compile(r"^step_(\d+)$")
+
+
+def _flatten_optimizer(state_dict: dict) -> tuple[dict, dict]:
+    tensors, meta = {}, {"param_groups": state_dict["param_groups"], "scalars": {}}
+    for pid, state in state_dict["state"].items():
+        for key, value in state.items():
+            name = f"optim.{pid}.{key}"
+            if isinstance(value, torch.Tensor):
+                tensors[name] = value.detach().cpu().contiguous()
+            else:
+                meta["scalars"][name] = value
+    return tensors, meta
+
+
+def _unflatten_optimizer(tensors: dict, meta: dict) -> dict:
+    state = {}
+    for name, value in list(tensors.items()) + list(meta["scalars"].items()):
+        if not name.startswith("optim."):
+            continue
+        _, pid, key = name.split(".", 2)
+        state.setdefault(int(pid), {})[key] = value
+    return {"state": state, "param_groups": meta["param_groups"]}
+
+
+def rng_state() -> tuple[dict, dict]:
+    tensors = {"rng.torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        tensors["rng.cuda"] = torch.cuda.get_rng_state()
+    version, internal, gauss = random.getstate()
+    return tensors, {"python_random": [version, list(internal), gauss]}
+
+
+def set_rng_state(tensors: dict, meta: dict) -> None:
+    torch.set_rng_state(tensors["rng.torch"])
+    if "rng.cuda" in tensors and torch.cuda.is_available():
+        torch.cuda.set_rng_state(tensors["rng.cuda"])
+    version, internal, gauss = meta["python_random"]
+    random.setstate((version, tuple(internal), gauss))
+
+
+def save(run_dir, step: int, *, policy, tokenizer, value_head, optimizer, scheduler, sampler_state: dict,
+         extra: dict, keep_last: int = 3) -> Path:
+    """Write checkpoint `step` atomically and prune older ones beyond `keep_last`. Returns its directory."""
+    root = Path(run_dir) / "checkpoints"
+    final = root / f"step_{step:06d}"
+    tmp = root / f"step_{step:06d}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    policy.save_pretrained(tmp / "policy", safe_serialization=True)
+    tokenizer.save_pretrained(tmp / "policy")
+    if value_head is not None:
+        save_file({k: v.detach().cpu().contiguous() for k, v in value_head.state_dict().items()},
+                  tmp / "value_head.safetensors")
+    tensors, meta = _flatten_optimizer(optimizer.state_dict())
+    rng_tensors, rng_meta = rng_state()
+    tensors.update(rng_tensors)
+    meta.update(rng_meta, step=step, scheduler=scheduler.state_dict(), sampler=sampler_state, extra=extra)
+    save_file(tensors, tmp / "trainer.safetensors", metadata={"json": json.dumps(meta)})
+    if final.exists():  # re-saving the same step (e.g. Ctrl-C right after a periodic save)
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    for old in list_checkpoints(run_dir)[:-keep_last] if keep_last > 0 else []:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def list_checkpoints(run_dir) -> list:
+    root = Path(run_dir) / "checkpoints"
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if p.is_dir() and STEP_DIR.match(p.name)]
+    return sorted(found, key=lambda p: int(STEP_DIR.match(p.name).group(1)))
+
+
+def resolve(path) -> Path:
+    """A checkpoint directory, or a run directory (its latest checkpoint)."""
+    path = Path(path)
+    if STEP_DIR.match(path.name) and (path / "trainer.safetensors").is_file():
+        return path
+    found = list_checkpoints(path)
+    if not found:
+        raise FileNotFoundError(f"--resume {path}: no checkpoint found (expected {path}/checkpoints/step_*/ "
+                                f"or a step_* directory holding trainer.safetensors)")
+    return found[-1]
+
+
+def load_trainer_state(ckpt: Path) -> tuple[dict, dict]:
+    """(tensors, metadata) of trainer.safetensors: the optimizer/RNG tensors and the JSON metadata."""
+    from safetensors import safe_open
+    with safe_open(str(ckpt / "trainer.safetensors"), framework="pt") as f:
+        meta = json.loads(f.metadata()["json"])
+    return load_file(str(ckpt / "trainer.safetensors")), meta
+
+
+def restore(ckpt: Path, *, value_head, optimizer, scheduler) -> dict:
+    """Load value head, optimizer, scheduler and RNG states from `ckpt`; returns the metadata (step, sampler, ...).
+
+    The policy weights are loaded by the caller from ckpt/policy (as a model directory)."""
+    tensors, meta = load_trainer_state(ckpt)
+    if value_head is not None:
+        value_head.load_state_dict(load_file(str(ckpt / "value_head.safetensors")))
+    optimizer.load_state_dict(_unflatten_optimizer(tensors, meta))
+    scheduler.load_state_dict(meta["scheduler"])
+    set_rng_state(tensors, meta)
+    return meta

@@ -1,0 +1,126 @@
+"""Loading a Hugging Face causal LM from a local directory, and running its backbone for the fused kernels.
+
+The trainer never asks the model for logits: it runs the decoder (`model.get_decoder()`), keeps the final hidden
+states, and hands them with `lm_head.weight` to `sppo_fast.kernels`, so [tokens x vocab] logits never exist.
+"""
+import importlib.util
+import json
+import warnings
+from pathlib import Path
+
+import torch
+
+
+def check_model_dir(path) -> Path:
+    """A clear error for the common mistakes: a missing path, a hub id (nothing downloads here), no config.json."""
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise FileNotFoundError(f"model directory {str(path)!r} does not exist (sppo-fast loads models from a local "
+                                f"directory; nothing is downloaded at run time)")
+    if not path.is_dir() or not (path / "config.json").is_file():
+        raise ValueError(f"{str(path)!r} is not a Hugging Face model directory: no config.json in it")
+    if not any(path.glob("*.safetensors")) and not any(path.glob("*.bin")) and not (path / "adapter_config.json").exists():
+        raise ValueError(f"{str(path)!r} has a config.json but no weights (*.safetensors or *.bin)")
+    return path
+
+
+def load_tokenizer(path):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(path))
+    if tokenizer.pad_token_id is None:
+        if tokenizer.eos_token_id is None:
+            raise ValueError(f"the tokenizer in {path} has neither a pad token nor an EOS token; add one of them")
+        warnings.warn(f"the tokenizer in {path} has no pad token: using its EOS token {tokenizer.eos_token!r} "
+                      f"as the pad token")
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def attention_implementation(device: torch.device) -> str:
+    """flash-attn varlen when installed and on CUDA (sequences are then packed without padding), SDPA otherwise."""
+    if device.type == "cuda" and importlib.util.find_spec("flash_attn") is not None:
+        return "flash_attention_2"
+    return "sdpa"
+
+
+def load_policy(path, *, device, attn_implementation: str, gradient_checkpointing: bool = False,
+                liger: bool = True, lora_rank: int = 0, lora_alpha: int = 16, lora_target: str = "all-linear"):
+    """The policy in fp32 master weights (bf16 compute comes from autocast, so the optimizer never loses precision)."""
+    from transformers import AutoModelForCausalLM
+
+    path = check_model_dir(path)
+    if (path / "adapter_config.json").exists():
+        return _load_adapter(path, device=device, attn_implementation=attn_implementation,
+                             gradient_checkpointing=gradient_checkpointing)
+    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32,
+                                                 attn_implementation=attn_implementation)
+    model.to(device)
+    if liger and device.type == "cuda":
+        apply_liger(model)
+    if gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+    if lora_rank > 0:
+        model = wrap_lora(model, lora_rank, lora_alpha, lora_target)
+    return model
+
+
+def apply_liger(model) -> bool:
+    """Liger's RMSNorm / SwiGLU / RoPE kernels on the backbone. Its fused CE is off: our kernels own the head."""
+    try:
+        from liger_kernel.transformers import _apply_liger_kernel_to_instance
+    except ImportError:
+        return False
+    try:
+        _apply_liger_kernel_to_instance(model=model, cross_entropy=False, fused_linear_cross_entropy=False)
+    except (TypeError, ValueError, NotImplementedError) as err:  # model type Liger does not cover
+        warnings.warn(f"Liger kernels not applied: {err}")
+        return False
+    return True
+
+
+def wrap_lora(model, rank: int, alpha: int, target: str):
+    try:
+        from peft import LoraConfig, get_peft_model
+    except ImportError as err:
+        raise ImportError("--lora-rank needs peft: pip install 'sppo_fast[lora]'") from err
+    config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=target, lora_dropout=0.0, task_type="CAUSAL_LM")
+    return get_peft_model(model, config)
+
+
+def _load_adapter(path, *, device, attn_implementation, gradient_checkpointing):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    base = json.loads((path / "adapter_config.json").read_text())["base_model_name_or_path"]
+    model = AutoModelForCausalLM.from_pretrained(str(check_model_dir(base)), dtype=torch.float32,
+                                                 attn_implementation=attn_implementation).to(device)
+    if gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return PeftModel.from_pretrained(model, str(path), is_trainable=True)
+
+
+def unwrap(model):
+    """The transformers model under a peft wrapper (or the model itself)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def lm_head(model):
+    """(weight [V, H], final-logit softcap or None). Tied embeddings share one tensor, so this is it either way."""
+    base = unwrap(model)
+    head = base.get_output_embeddings()
+    if getattr(head, "bias", None) is not None:
+        raise NotImplementedError("lm_head with a bias is not supported by the fused log-prob kernels")
+    softcap = getattr(base.config, "final_logit_softcapping", None)
+    return head.weight, softcap
+
+
+def hidden_states(model, batch) -> torch.Tensor:
+    """Run the decoder on a PackedBatch and return the flat final hidden states [T, H] of its valid tokens."""
+    decoder = unwrap(model).get_decoder()
+    out = decoder(input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids,
+                  use_cache=False)
+    hidden = out.last_hidden_state
+    flat = hidden.reshape(-1, hidden.shape[-1])
+    return flat if batch.flat_index is None else flat[batch.flat_index]

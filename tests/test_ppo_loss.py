@@ -1,0 +1,345 @@
+"""ppo_clip_loss against a plain-PyTorch PPO loss written here (full logits, log_softmax, explicit clip and dual
+clip, Python loops over sequences), independent of kernels/reference.py and of the op's own code.
+
+Tolerance rule (CCE): our error versus an fp64 truth on the same inputs must be <= the error of plain torch in the
+inputs' dtype + a small slack. The log-ratios are placed away from the clip boundaries (see `_old_logp`) so that
+rounding cannot flip a clip decision between the truth and the op, which would be a discontinuity, not an error.
+Triton runs on CUDA, or on CPU under the Triton interpreter (TRITON_INTERPRET=1, set by conftest.py) at tiny
+sizes and in fp32/fp16 only: the interpreter's bf16 tl.dot is wrong.
+"""
+import math
+import os
+
+import pytest
+import torch
+from conftest import assert_error_within
+
+from sppo_fast.kernels import ppo_clip_loss, token_logprobs
+from sppo_fast.kernels.ppo_loss import ppo_clip_loss_from_logp
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+TRITON_OK = torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"
+_needs_triton = pytest.mark.skipif(not TRITON_OK, reason="no CUDA, no Triton interpreter")
+IMPL_DTYPES = [
+    pytest.param("triton", torch.float32, marks=_needs_triton, id="triton-fp32"),
+    pytest.param("triton", torch.float16, marks=_needs_triton, id="triton-fp16"),
+    pytest.param("torch", torch.float32, id="torch-fp32"),
+    pytest.param("torch", torch.bfloat16, id="torch-bf16"),
+]
+if torch.cuda.is_available():
+    IMPL_DTYPES.append(pytest.param("triton", torch.bfloat16, id="triton-bf16"))
+LOSS_AGGS = ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum"]
+SLACK = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 1e-3}  # relative to the truth's max |value|
+
+# packed batch: lengths 5, 0 (empty), 7, 3 (fully masked), 4, 5 -> N = 24; V odd, H small
+CU = [0, 5, 5, 12, 15, 19, 24]
+N, H, V = CU[-1], 16, 37
+IGNORE = -100
+# per-sequence advantages of both signs, so both clip sides and the dual clip (A < 0 only) can trigger
+SEQ_ADV = [1.3, 0.4, -0.9, 0.7, -1.2, 0.8]
+# log-ratios log(new/old) at least 0.08 from log(0.8) = -0.22, log(1.2) = 0.18 and log(3) = 1.10
+LOG_RATIOS = [-0.7, -0.05, 0.08, 0.6, 1.6]
+# for sequence ratios, one per sequence: clipped high (A > 0), -, dual clip (A < 0), masked, unclipped (A < 0),
+# unclipped (A > 0, r < 0.8: the pessimistic unclipped term wins)
+SEQ_LOG_RATIOS = [0.6, 0.0, 1.6, 0.08, -0.05, -0.7]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the independent plain-torch PPO loss
+def torch_ppo(hidden, weight, targets, old_logp, advantages, *, clip_low=0.2, clip_high=0.2, dual_clip=3.0,
+              ratio_level="token", loss_agg="token-mean", temperature=1.0, softcap=None, entropy_coef=0.0,
+              compute_dtype=torch.float64):
+    """(loss, stats, logp) from full logits. compute_dtype=float64 is the truth; the inputs' own dtype gives the
+    'plain torch in this dtype' baseline (matmul in that dtype, log_softmax in fp32)."""
+    if compute_dtype == torch.float64:
+        logits = hidden.double() @ weight.double().T
+    else:
+        logits = (hidden @ weight.T).float()
+    if softcap is not None:
+        logits = softcap * torch.tanh(logits / softcap)
+    logprobs = torch.log_softmax(logits / temperature, dim=-1)
+    valid = targets != IGNORE
+    logp = logprobs.gather(1, targets.clamp(min=0)[:, None])[:, 0]
+    entropy = -(logprobs.exp() * logprobs).sum(-1)
+
+    seq_of = [b for b in range(len(CU) - 1) for _ in range(CU[b], CU[b + 1])]
+    adv = advantages.to(logp.dtype)
+    if adv.shape[0] != N:
+        adv = torch.stack([adv[b] for b in seq_of])
+    log_ratio = logp - old_logp.to(logp.dtype)
+    if ratio_level == "sequence":
+        seq_means = []
+        for b in range(len(CU) - 1):
+            idx = [i for i in range(CU[b], CU[b + 1]) if valid[i]]
+            seq_means.append(log_ratio[idx].mean() if idx else log_ratio.new_zeros(()))
+        log_ratio = torch.stack([seq_means[b] for b in seq_of])
+    ratio = torch.exp(log_ratio)
+    unclipped = -adv * ratio
+    clipped = -adv * torch.clamp(ratio, 1 - clip_low, 1 + clip_high)
+    pg = torch.max(unclipped, clipped)
+    dual = torch.zeros_like(valid)
+    if dual_clip is not None:
+        dual = (adv < 0) & (-adv * dual_clip < pg)
+        pg = torch.where(adv < 0, torch.min(pg, -adv * dual_clip), pg)
+
+    def agg(x):
+        if loss_agg == "token-mean":
+            return x[valid].sum() / valid.sum()
+        per_seq = []
+        for b in range(len(CU) - 1):
+            v = valid[CU[b]:CU[b + 1]]
+            if v.any():
+                total = x[CU[b]:CU[b + 1]][v].sum()
+                per_seq.append(total / v.sum() if loss_agg == "seq-mean-token-mean" else total)
+        return torch.stack(per_seq).mean()
+
+    loss = agg(pg) - entropy_coef * agg(entropy)
+    n = valid.sum()
+    with torch.no_grad():
+        lr_tok = (logp - old_logp.to(logp.dtype))[valid]
+        stats = {
+            "clipfrac": ((clipped > unclipped) & valid).sum() / n,
+            "dual_clipfrac": (dual & valid).sum() / n,
+            "approx_kl": (lr_tok.exp() - 1 - lr_tok).mean(),
+            "ratio_mean": ratio[valid].mean(), "ratio_max": ratio[valid].max(), "ratio_min": ratio[valid].min(),
+            "entropy": entropy[valid].mean(), "logp": logp[valid].mean(), "num_tokens": n.double(),
+        }
+    return loss, stats, logp
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# inputs
+def _inputs(dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(N, H, generator=g).to(DEVICE, dtype)
+    weight = (torch.randn(V, H, generator=g) * (2.0 / math.sqrt(H))).to(DEVICE, dtype)
+    targets = torch.randint(0, V, (N,), generator=g).to(DEVICE)
+    targets[[1, 8]] = IGNORE  # masked rows inside sequences
+    targets[12:15] = IGNORE  # a fully masked sequence
+    return hidden, weight, targets
+
+
+def _old_logp(hidden, weight, targets, ratio_level, seed=0):
+    """old = truth logp - chosen log-ratio: random per token for token ratios, SEQ_LOG_RATIOS for sequence ratios
+    (so the sequence mean is the chosen value too), all away from the clip boundaries."""
+    _, _, logp = torch_ppo(hidden, weight, targets, torch.zeros(N, device=DEVICE), torch.zeros(N, device=DEVICE))
+    g = torch.Generator().manual_seed(seed + 1)
+    if ratio_level == "sequence":
+        shifts = torch.cat([torch.tensor(SEQ_LOG_RATIOS[b]).expand(CU[b + 1] - CU[b]) for b in range(len(CU) - 1)])
+    else:
+        shifts = torch.tensor(LOG_RATIOS)[torch.randint(0, len(LOG_RATIOS), (N,), generator=g)]
+    return (logp - shifts.to(DEVICE, torch.float64)).float()
+
+
+def _advantages(per_sequence, seed=0):
+    seq_adv = torch.tensor(SEQ_ADV, device=DEVICE)
+    if per_sequence:
+        return seq_adv
+    # per token: the sequence's sign, with token-to-token variation
+    g = torch.Generator().manual_seed(seed + 2)
+    scale = 0.5 + torch.rand(N, generator=g).to(DEVICE)
+    return torch.cat([seq_adv[b].expand(CU[b + 1] - CU[b]) for b in range(len(CU) - 1)]) * scale
+
+
+def _assert_within(name, ours, truth, baseline, dtype):
+    """CCE rule via conftest: |ours - truth| <= |plain torch in this dtype - truth| + slack * max |truth|."""
+    eps = SLACK[dtype] * max(truth.detach().abs().max().item(), 1.0)
+    assert_error_within(name, ours.detach(), baseline.detach(), truth.detach(), eps)
+
+
+def _run_both(impl, dtype, per_sequence, **kw):
+    """ours, fp64 truth and same-dtype torch; returns a dict of (ours, truth, baseline) and the stats."""
+    hidden, weight, targets = _inputs(dtype)
+    old = _old_logp(hidden, weight, targets, kw.get("ratio_level", "token"))
+    adv = _advantages(per_sequence)
+    cu = torch.tensor(CU, device=DEVICE, dtype=torch.int32)
+
+    h, w = hidden.clone().requires_grad_(True), weight.clone().requires_grad_(True)
+    loss, stats = ppo_clip_loss(h, w, targets, old, adv, cu_seqlens=cu, ignore_index=IGNORE, impl=impl, **kw)
+    loss.backward()
+    results = {"loss": [loss], "d_hidden": [h.grad], "d_weight": [w.grad]}
+    for compute_dtype in (torch.float64, dtype):
+        h, w = hidden.clone().requires_grad_(True), weight.clone().requires_grad_(True)
+        ref_loss, ref_stats, _ = torch_ppo(h, w, targets, old, adv, compute_dtype=compute_dtype, **kw)
+        ref_loss.backward()
+        results["loss"].append(ref_loss)
+        results["d_hidden"].append(h.grad)
+        results["d_weight"].append(w.grad)
+        if compute_dtype == torch.float64:
+            truth_stats = ref_stats
+    return results, stats, truth_stats
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# tests
+@pytest.mark.parametrize("impl,dtype", IMPL_DTYPES)
+@pytest.mark.parametrize("loss_agg", LOSS_AGGS)
+@pytest.mark.parametrize("ratio_level", ["token", "sequence"])
+@pytest.mark.parametrize("per_sequence", [True, False], ids=["adv-seq", "adv-token"])
+def test_loss_and_grads_match_torch(impl, dtype, loss_agg, ratio_level, per_sequence):
+    results, stats, truth_stats = _run_both(impl, dtype, per_sequence, loss_agg=loss_agg, ratio_level=ratio_level)
+    for name, (ours, truth, baseline) in results.items():
+        _assert_within(name, ours, truth, baseline, dtype)
+    # the perturbation must exercise both clips, else this test would not test them
+    assert stats["clipfrac"] > 0 and stats["dual_clipfrac"] > 0, stats
+    # clip decisions are discrete and the log-ratios sit away from the boundaries: the fractions match exactly
+    for key in ("clipfrac", "dual_clipfrac", "num_tokens"):
+        assert stats[key].item() == pytest.approx(truth_stats[key].item(), abs=1e-6), key
+
+
+@pytest.mark.parametrize("impl,dtype", IMPL_DTYPES[:1] + IMPL_DTYPES[2:3])  # triton-fp32, torch-fp32
+def test_options_and_entropy_grad(impl, dtype):
+    """temperature, softcap, asymmetric clip, no dual clip, and the entropy bonus's gradient."""
+    kw = dict(loss_agg="seq-mean-token-mean", clip_low=0.1, clip_high=0.28, dual_clip=None, temperature=0.7,
+              softcap=5.0, entropy_coef=0.05)
+    results, stats, truth_stats = _run_both(impl, dtype, True, **kw)
+    for name, (ours, truth, baseline) in results.items():
+        _assert_within(name, ours, truth, baseline, dtype)
+    assert stats["dual_clipfrac"] == 0
+    # the entropy term changes the gradient (else entropy_coef would be silently ignored)
+    no_bonus, _, _ = _run_both(impl, dtype, True, **{**kw, "entropy_coef": 0.0})
+    assert not torch.allclose(results["d_hidden"][0], no_bonus["d_hidden"][0])
+    _assert_within("d_hidden (no entropy bonus)", *no_bonus["d_hidden"], dtype)
+
+
+@pytest.mark.parametrize("impl,dtype", IMPL_DTYPES[:1] + IMPL_DTYPES[2:3])
+def test_stats(impl, dtype):
+    results, stats, truth = _run_both(impl, dtype, False, ratio_level="token")
+    expected_keys = {"pg_loss", "clipfrac", "dual_clipfrac", "approx_kl", "ratio_mean", "ratio_max", "ratio_min",
+                     "entropy", "logp", "num_tokens"}
+    assert set(stats) == expected_keys
+    for key, value in stats.items():
+        assert value.dim() == 0 and value.dtype == torch.float32 and value.device.type == DEVICE, key
+        assert not value.requires_grad, key
+    for key in expected_keys - {"pg_loss"}:
+        assert stats[key].item() == pytest.approx(truth[key].item(), rel=1e-4, abs=1e-5), key
+    assert stats["num_tokens"].item() == N - 2 - 3
+    assert stats["pg_loss"].item() == pytest.approx(results["loss"][1].item(), rel=1e-4, abs=1e-6)
+
+
+@pytest.mark.parametrize("impl,dtype", IMPL_DTYPES[:1] + IMPL_DTYPES[2:3])
+@pytest.mark.parametrize("ratio_level", ["token", "sequence"])
+def test_ratio_is_exactly_one_on_own_logp(impl, dtype, ratio_level):
+    """old_logp from token_logprobs itself (the first-minibatch case): r == 1 bit for bit, nothing clipped, and the
+    loss reduces to -agg(A) with gradient -agg(A * grad logp)."""
+    hidden, weight, targets = _inputs(dtype)
+    cu = torch.tensor(CU, device=DEVICE)
+    with torch.no_grad():
+        old = token_logprobs(hidden, weight, targets, ignore_index=IGNORE, impl=impl)
+    loss, stats = ppo_clip_loss(hidden, weight, targets, old, _advantages(True), cu_seqlens=cu,
+                                ignore_index=IGNORE, ratio_level=ratio_level, impl=impl)
+    assert stats["ratio_max"].item() == 1.0 and stats["ratio_min"].item() == 1.0
+    assert stats["clipfrac"].item() == 0.0 and stats["dual_clipfrac"].item() == 0.0
+    assert stats["approx_kl"].item() == 0.0
+
+
+def test_from_logp_masks_garbage_and_no_cu_seqlens():
+    """Invalid tokens may hold NaN in old_logp/advantages (e.g. prompt positions): no NaN in the loss or grad.
+    cu_seqlens=None is one sequence."""
+    torch.manual_seed(0)
+    logp = (-torch.rand(10, dtype=torch.float64) * 3).requires_grad_(True)
+    old = logp.detach() + 0.3 * torch.randn(10, dtype=torch.float64)
+    adv = torch.randn(10, dtype=torch.float64)
+    mask = torch.ones(10, dtype=torch.bool)
+    mask[[0, 1, 7]] = False
+    old[~mask], adv[~mask] = float("nan"), float("nan")
+    for agg in LOSS_AGGS:
+        for ratio_level in ("token", "sequence"):
+            loss, stats = ppo_clip_loss_from_logp(logp, old, adv, mask, None, loss_agg=agg, ratio_level=ratio_level)
+            one_seq, _ = ppo_clip_loss_from_logp(logp, old, adv, mask, torch.tensor([0, 10]), loss_agg=agg,
+                                                 ratio_level=ratio_level, impl="torch")
+            (grad,) = torch.autograd.grad(loss, logp)
+            assert torch.isfinite(loss) and torch.isfinite(grad).all() and (grad[~mask] == 0).all()
+            assert torch.allclose(loss, one_seq, atol=1e-12)
+            assert all(torch.isfinite(v) for v in stats.values())
+    # nothing valid: loss 0, means 0, ratio extremes 1 (no update happened), still no NaN
+    loss, stats = ppo_clip_loss_from_logp(logp, old, adv, torch.zeros(10, dtype=torch.bool), torch.tensor([0, 4, 10]),
+                                          loss_agg="seq-mean-token-mean")
+    assert loss.item() == 0.0 and stats["ratio_max"].item() == 1.0 and stats["num_tokens"].item() == 0.0
+
+
+def test_tensor_hyperparameters():
+    """0-dim tensor hyperparameters (for torch.compile(dynamic=False) with a schedule) equal Python floats."""
+    torch.manual_seed(0)
+    logp = (-torch.rand(12) * 3).requires_grad_(True)
+    old, adv, cu = logp.detach() + 0.4 * torch.randn(12), torch.randn(12), torch.tensor([0, 5, 12])
+    entropy = torch.rand(12, requires_grad=True)
+    hp = dict(clip_low=0.15, clip_high=0.25, dual_clip=2.5, entropy_coef=0.02)
+    as_float, _ = ppo_clip_loss_from_logp(logp, old, adv, None, cu, entropy=entropy, **hp)
+    as_tensor, _ = ppo_clip_loss_from_logp(logp, old, adv, None, cu, entropy=entropy,
+                                           **{k: torch.tensor(v) for k, v in hp.items()})
+    grads = [torch.autograd.grad(x, (logp, entropy)) for x in (as_float, as_tensor)]
+    torch.testing.assert_close(as_float, as_tensor)
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("loss_agg,ratio_level", [("token-mean", "token"), ("seq-mean-token-mean", "sequence"),
+                                                   ("seq-mean-token-sum", "token")])
+def test_compile_fullgraph_torch_impl_no_recompile(loss_agg, ratio_level):
+    """The torch impl traces whole (token_logprobs and segment_sum are custom ops or plain torch), and new shapes
+    or new hyperparameter values (a clip schedule) reuse the graph. aot_eager: the tracing is what is under test;
+    inductor's CPU codegen would only add minutes."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    torch._dynamo.reset()
+    counter = CompileCounterWithBackend("aot_eager")
+
+    def step(hidden, weight, targets, old, adv, cu, clip_low, clip_high, dual_clip, entropy_coef):
+        return ppo_clip_loss(hidden, weight, targets, old, adv, cu_seqlens=cu, clip_low=clip_low,
+                             clip_high=clip_high, dual_clip=dual_clip, entropy_coef=entropy_coef,
+                             ratio_level=ratio_level, loss_agg=loss_agg, impl="torch")
+
+    compiled = torch.compile(step, backend=counter, fullgraph=True, dynamic=True)
+    for i, (n, cu) in enumerate([(24, CU), (17, [0, 9, 9, 17]), (30, [0, 4, 11, 25, 30])]):
+        g = torch.Generator().manual_seed(i)
+        hidden = torch.randn(n, H, generator=g).requires_grad_(True)
+        weight = torch.randn(V, H, generator=g).requires_grad_(True)
+        targets = torch.randint(0, V, (n,), generator=g)
+        targets[0] = IGNORE
+        old = -torch.rand(n, generator=g) * 4
+        adv = torch.randn(len(cu) - 1, generator=g)
+        args = (targets, old, adv, torch.tensor(cu), 0.2 - 0.05 * i, 0.2 + 0.05 * i, 3.0 + i, 0.01 * (i + 1))
+        loss, stats = compiled(hidden, weight, *args)
+        loss.backward()
+        h2, w2 = hidden.detach().clone().requires_grad_(True), weight.detach().clone().requires_grad_(True)
+        eager_loss, eager_stats = step(h2, w2, *args)
+        eager_loss.backward()
+        torch.testing.assert_close(loss, eager_loss)
+        torch.testing.assert_close(hidden.grad, h2.grad)
+        torch.testing.assert_close(weight.grad, w2.grad)
+        for key in stats:
+            torch.testing.assert_close(stats[key], eager_stats[key])
+        # the first compile may count twice (dynamo restarts its analysis once to turn float args into inputs)
+        first_frames = counter.frame_count if i == 0 else first_frames
+    assert counter.frame_count == first_frames, f"recompiled: {counter.frame_count - first_frames} times"
+
+
+def test_bad_inputs():
+    hidden, weight, targets = _inputs(torch.float32)
+    old, adv, cu = torch.zeros(N), torch.zeros(N), torch.tensor(CU)
+    call = lambda **kw: ppo_clip_loss(**{**dict(hidden=hidden, weight=weight, targets=targets, old_logp=old,  # noqa
+                                                advantages=adv, cu_seqlens=cu, impl="torch"), **kw})
+    cases = [
+        (dict(hidden=hidden[0]), "hidden must be a 2-D"),
+        (dict(weight=weight[:, :-1]), r"weight must be \[V, H\]"),
+        (dict(targets=targets[:-1]), r"targets must have shape \[24\]"),
+        (dict(old_logp=old[:-1]), r"old_logp must have shape \[24\]"),
+        (dict(old_logp=old.long()), "old_logp must be floating point"),
+        (dict(advantages=torch.zeros(7)), r"\[N\] = \[24\] \(per token\) or \[B\] = \[6\]"),
+        (dict(advantages=torch.zeros(6), cu_seqlens=None), "need cu_seqlens"),
+        (dict(loss_agg="mean"), "loss_agg must be one of"),
+        (dict(ratio_level="seq"), "ratio_level must be one of"),
+        (dict(clip_low=-0.1), "clip_low must be in"),
+        (dict(clip_high=-0.1), "clip_high must be >= 0"),
+        (dict(dual_clip=1.0), "dual_clip must be > 1"),
+        (dict(cu_seqlens=cu.float()), "int32 or int64"),
+        (dict(impl="cuda"), "impl must be one of"),
+        (dict(cu_seqlens=torch.tensor([0, 5, 3, 24]), check_values=True), "non-decreasing"),
+        (dict(advantages=adv.to("meta")), "one device"),
+    ]
+    for kwargs, message in cases:
+        with pytest.raises(ValueError, match=message):
+            call(**kwargs)
+    with pytest.raises(RuntimeError, match="cu_seqlens must start at 0"):  # the default, queued device-side check
+        call(cu_seqlens=torch.tensor([0, 5, 3, 24]))

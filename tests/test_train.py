@@ -1,0 +1,248 @@
+"""End-to-end tests of the trainer on the embedded tiny model (CPU, a few seconds each)."""
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from sppo_fast import checkpoint
+from sppo_fast.cli import build_args
+from sppo_fast.cli import main as cli_main
+from sppo_fast.model import hidden_states, lm_head, load_policy, load_tokenizer
+from sppo_fast.rollout import Sample, pack
+from sppo_fast.tiny import default_model_path
+from sppo_fast.train import Args, Stepper, main, value_loss_fn
+from sppo_fast.value_head import ValueHead
+
+FAST = ["--steps", "2", "--batch-size", "8", "--eval-size", "8", "--eval-k", "1", "--eval-every", "0",
+        "--max-new-tokens", "24", "--no-progress", "--threads", "1"]
+
+
+def run(tmp_path, *flags, name="run"):
+    args = build_args([*FAST, "--out-dir", str(tmp_path), "--run-name", name, *flags])
+    return main(args), Path(tmp_path) / name
+
+
+def read_metrics(run_dir):
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_few_steps_write_checkpoint_metrics_and_config(tmp_path):
+    result, run_dir = run(tmp_path, "--save-every", "1", "--keep-last", "1")
+    rows = read_metrics(run_dir)
+    steps = [r for r in rows if "losses/policy" in r]
+    assert [r["step"] for r in steps] == [1, 2]
+    for r in steps:
+        assert math.isfinite(r["losses/policy"]) and math.isfinite(r["losses/value"])
+        # one minibatch: old log-probs are the current ones detached, so the ratio is exactly 1
+        assert r["stats/ratio_max"] == 1.0 and r["stats/ratio_min"] == 1.0 and r["stats/clipfrac"] == 0.0
+    assert "eval/pass@1" in rows[0] and "eval/pass@1" in rows[-1]
+    ckpts = checkpoint.list_checkpoints(run_dir)
+    assert [c.name for c in ckpts] == ["step_000002"]  # keep_last=1 pruned step 1
+    ckpt = ckpts[0]
+    assert (ckpt / "policy" / "model.safetensors").is_file() and (ckpt / "value_head.safetensors").is_file()
+    assert not list((run_dir / "checkpoints").glob("*.tmp"))
+    assert "batch_size: 8" in (run_dir / "config.yaml").read_text()
+    assert list((run_dir / "tb").glob("events.*"))
+    png = cli_main(["plot", str(run_dir)])
+    assert png == 0 and (run_dir / "curves.png").stat().st_size > 1000
+
+
+def test_resume_reproduces_next_step(tmp_path):
+    _, full = run(tmp_path, "--steps", "3", "--save-every", "0", name="full")
+    _, part = run(tmp_path, "--steps", "2", "--save-every", "0", name="part")
+    main(build_args([*FAST, "--steps", "3", "--resume", str(part)]))
+    step3 = lambda d: next(r for r in read_metrics(d) if r["step"] == 3 and "losses/policy" in r)
+    a, b = step3(full), step3(part)
+    for key in ("losses/policy", "losses/value", "reward/mean", "stats/logp", "rollout/response_len"):
+        assert a[key] == b[key], (key, a[key], b[key])
+
+
+def test_grpo_runs(tmp_path):
+    result, run_dir = run(tmp_path, "--algo", "grpo", "--group-size", "4", "--batch-size", "4")
+    steps = [r for r in read_metrics(run_dir) if "losses/policy" in r]
+    assert len(steps) == 2 and "losses/value" not in steps[0]
+    assert not (checkpoint.list_checkpoints(run_dir)[-1] / "value_head.safetensors").exists()
+
+
+def test_minibatches_score_old_logprobs_with_the_fused_kernel(tmp_path):
+    # two optimizer steps per batch: the second minibatch's ratio moves away from 1 after the first update
+    _, run_dir = run(tmp_path, "--num-minibatches", "2", "--micro-batch-tokens", "64")
+    steps = [r for r in read_metrics(run_dir) if "losses/policy" in r]
+    assert all(math.isfinite(r["losses/policy"]) for r in steps)
+    assert any(r["stats/ratio_max"] != 1.0 or r["stats/ratio_min"] != 1.0 for r in steps)
+
+
+def test_losses_match_a_hand_computation():
+    """Advantage, value loss and policy loss of one update on a fixed batch, recomputed with full logits."""
+    torch.manual_seed(0)
+    args = Args(temperature=0.7, lr=0.0, value_lr=0.0, max_grad_norm=0.0, micro_batch_tokens=7)  # 2+ micro-batches
+    tok = load_tokenizer(default_model_path())
+    policy = load_policy(default_model_path(), device=torch.device("cpu"), attn_implementation="sdpa")
+    head = ValueHead(policy.config.hidden_size)
+    torch.nn.init.normal_(head.linear.weight, std=0.3)  # make V differ between prompts
+    opt = torch.optim.AdamW([{"params": list(policy.parameters()), "lr": 0.0},
+                             {"params": list(head.parameters()), "lr": 0.0}])
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    stepper = Stepper(args, policy, head, opt, sched, tok, torch.device("cpu"))
+    enc = lambda s: tok(s, add_special_tokens=True)["input_ids"]
+    samples = [Sample(enc("12+3="), enc("12+3=15;15")[:-1] + [tok.eos_token_id], "", True, 0),
+               Sample(enc("7+8+1="), enc("7+8=14,1"), "", False, 1),
+               Sample(enc("3+4="), enc("3+4=7;7"), "", True, 2)]
+    R = torch.tensor([1.0, 0.0, 1.0])
+    totals, values = stepper.update(samples, R, None, check_values=True)
+
+    # by hand: per sample, full logits of the response tokens; V from the last prompt token
+    pg_terms, n_tok, vs = [], 0, []
+    weight, _ = lm_head(policy)
+    with torch.no_grad():
+        for s, r in zip(samples, R):
+            ids = torch.tensor([s.prompt_ids + s.response_ids])
+            h = policy.get_decoder()(input_ids=ids).last_hidden_state[0]
+            p = len(s.prompt_ids)
+            v = head(h[p - 1:p])[0]
+            vs.append(v)
+            logits = (h[p - 1:-1] @ weight.T) / args.temperature
+            logp = torch.log_softmax(logits.double(), -1).gather(1, torch.tensor(s.response_ids)[:, None])
+            A = r - torch.sigmoid(v)
+            pg_terms.append((-A * torch.ones_like(logp)).sum())  # ratio == 1 on the first minibatch
+            n_tok += len(s.response_ids)
+    vs = torch.stack(vs)
+    pg = (sum(pg_terms) / n_tok).item()
+    bce = F.binary_cross_entropy_with_logits(vs, R).item()
+    torch.testing.assert_close(values, torch.sigmoid(vs), rtol=1e-5, atol=1e-6)
+    assert totals["losses/policy"].item() == pytest.approx(pg, rel=1e-5, abs=1e-6)
+    assert totals["losses/value"].item() == pytest.approx(bce, rel=1e-5)
+    assert value_loss_fn(vs, R, "bce").item() == pytest.approx(bce)
+
+
+def test_packed_and_padded_layouts_give_the_same_hidden_rows():
+    tok = load_tokenizer(default_model_path())
+    policy = load_policy(default_model_path(), device=torch.device("cpu"), attn_implementation="sdpa").eval()
+    enc = lambda s: tok(s, add_special_tokens=True)["input_ids"]
+    samples = [Sample(enc("12+3="), enc("15;15"), "", True, 0), Sample(enc("7+8+1="), enc("15,16;16"), "", True, 1)]
+    padded = pack(samples, [0, 1], packed=False, pad_token_id=tok.pad_token_id)
+    with torch.no_grad():
+        h = hidden_states(policy, padded)
+        for b, s in enumerate(samples):
+            alone = policy.get_decoder()(input_ids=torch.tensor([s.prompt_ids + s.response_ids])).last_hidden_state[0]
+            start = padded.cu_seqlens[b].item()
+            rows = padded.resp_rows[start:start + len(s.response_ids)]
+            torch.testing.assert_close(h[rows], alone[len(s.prompt_ids) - 1:-1], rtol=1e-4, atol=1e-5)
+    assert padded.targets.tolist() == samples[0].response_ids + samples[1].response_ids
+
+
+# --- bad input -------------------------------------------------------------------------------------------------------
+def test_missing_model_dir(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        run(tmp_path, "--model", str(tmp_path / "nope"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="no config.json"):
+        run(tmp_path, "--model", str(tmp_path / "empty"))
+
+
+def test_tokenizer_without_pad_token_uses_eos(tmp_path):
+    import shutil
+    model_dir = tmp_path / "nopad"
+    shutil.copytree(default_model_path(), model_dir)
+    cfg_path = model_dir / "tokenizer_config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg["pad_token"] = None
+    cfg_path.write_text(json.dumps(cfg))
+    with pytest.warns(UserWarning, match="no pad token"):
+        tok = load_tokenizer(model_dir)
+    assert tok.pad_token_id == tok.eos_token_id
+
+
+def test_dataset_row_missing_field_names_file_and_line(tmp_path):
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"prompt": "1+2=", "answer": "3"}\n{"prompt": "2+2="}\n')
+    with pytest.raises(ValueError, match=r"d\.jsonl line 2.*answer"):
+        run(tmp_path, "--data", str(data))
+
+
+def test_long_prompts_are_skipped_and_counted(tmp_path, capsys):
+    data = tmp_path / "d.jsonl"
+    rows = [{"prompt": "1+2=", "answer": "3"}] * 12 + [{"prompt": "1+" * 40 + "1=", "answer": "41"}] * 3
+    data.write_text("\n".join(json.dumps(r) for r in rows))
+    run(tmp_path, "--data", str(data), "--eval-size", "4", "--max-prompt-tokens", "16", "--steps", "1")
+    assert "skipped" in capsys.readouterr().out
+
+
+def test_reward_fn_raising_names_the_sample(tmp_path):
+    plugin = tmp_path / "bad_reward.py"
+    plugin.write_text("def fn(prompts, completions, **kw):\n"
+                      "    return [1 / 0 if i == 1 else 0.0 for i, _ in enumerate(completions)]\n")
+    with pytest.raises(RuntimeError, match="sample 1"):
+        run(tmp_path, "--reward", f"{plugin}:fn")
+
+
+def test_reward_outside_unit_interval_is_an_error_for_sppo(tmp_path):
+    plugin = tmp_path / "big_reward.py"
+    plugin.write_text("def fn(prompts, completions, **kw):\n    return [2.0] * len(completions)\n")
+    with pytest.raises(ValueError, match=r"outside \[0, ?1\]"):
+        run(tmp_path, "--reward", f"{plugin}:fn")
+    run(tmp_path, "--reward", f"{plugin}:fn", "--value-loss", "mse", "--steps", "1", name="mse")
+
+
+def test_nonfinite_loss_is_skipped_then_stops_without_checkpoint(tmp_path, monkeypatch):
+    import sppo_fast.train as train_mod
+    real = train_mod.hidden_states
+    monkeypatch.setattr(train_mod, "hidden_states", lambda m, b: real(m, b) * float("nan"))
+    with pytest.raises(FloatingPointError, match="consecutive steps"):
+        run(tmp_path, "--steps", "5", "--max-nonfinite-steps", "2", "--save-every", "1")
+    assert checkpoint.list_checkpoints(tmp_path / "run") == []
+
+
+def test_ctrl_c_saves_a_checkpoint_and_exits_cleanly(tmp_path):
+    cmd = [sys.executable, "-m", "sppo_fast.cli", "train", *FAST, "--steps", "1000", "--out-dir", str(tmp_path),
+           "--run-name", "sig"]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+                            cwd=tmp_path)
+    deadline = time.time() + 120
+    while time.time() < deadline and not list((tmp_path / "sig").glob("metrics.jsonl")):
+        time.sleep(0.2)
+    while time.time() < deadline and sum(1 for _ in open(tmp_path / "sig" / "metrics.jsonl")) < 2:
+        time.sleep(0.2)  # wait for the first training step to be logged
+    proc.send_signal(signal.SIGINT)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 130, out
+    assert "interrupted: saved" in out
+    assert checkpoint.list_checkpoints(tmp_path / "sig")
+
+
+def test_bad_option_values(tmp_path):
+    with pytest.raises(ValueError, match="--algo"):
+        run(tmp_path, "--algo", "ppo2")
+    with pytest.raises(ValueError, match="unknown option"):
+        cfg = tmp_path / "c.yaml"
+        cfg.write_text("batch_sise: 3\n")
+        build_args(["--config", str(cfg)])
+
+
+def test_yaml_config_and_flag_precedence(tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("batch_size: 5\nlr: 0.5\n")
+    args = build_args(["--config", str(cfg), "--lr", "0.25"])
+    assert args.batch_size == 5 and args.lr == 0.25
+    assert build_args([]).lr != Args().lr  # the embedded model's demo preset applies without --model
+
+
+@pytest.mark.slow
+def test_demo_learns_within_three_minutes(tmp_path):
+    """The README's main job: `sppo-fast train` on 2 CPU cores, >= 20 points of held-out accuracy in <= 3 min."""
+    t0 = time.perf_counter()
+    result = main(build_args(["--out-dir", str(tmp_path), "--no-progress"]))
+    seconds = time.perf_counter() - t0
+    gain = result["end"]["eval/pass@1"] - result["start"]["eval/pass@1"]
+    print(f"demo: {result['start']['eval/pass@1']:.3f} -> {result['end']['eval/pass@1']:.3f} in {seconds:.0f} s")
+    assert gain >= 0.20
+    assert seconds <= 180

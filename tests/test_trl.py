@@ -1,0 +1,205 @@
+"""TRL integration: FusedGRPOTrainer matches GRPOTrainer, and SPPOTrainer trains a value head (CPU, offline).
+
+Tiny random Llama (hidden 32, 2 layers), the repo's character tokenizer built in memory, an in-memory dataset.
+"""
+import copy
+
+import pytest
+import torch
+
+pytest.importorskip("trl")
+datasets = pytest.importorskip("datasets")
+
+from trl import GRPOConfig, GRPOTrainer  # noqa: E402
+
+from sppo_fast.integrations.trl import FusedGRPOTrainer, SPPOConfig, SPPOTrainer  # noqa: E402
+from sppo_fast.tiny import build_tokenizer  # noqa: E402
+
+torch.set_num_threads(1)
+PROMPTS = ["1+2=", "33+4=", "5+61+7=", "8="]
+
+
+def tiny_model(tok, seed=0):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                         tie_word_embeddings=True, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                         pad_token_id=tok.pad_token_id, attn_implementation="eager")
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config)
+    with torch.no_grad():  # a peakier softmax than the 0.02-std init gives, so that gradients are not tiny
+        model.get_output_embeddings().weight.mul_(3.0)
+    return model.train()
+
+
+def digit_reward(completions, **kwargs):
+    """In [0, 1], deterministic, and different for most different completions (so GRPO's advantages are not 0)."""
+    return [(sum(map(ord, text)) % 7) / 6 for text in completions]
+
+
+def config(cls, tmp_path, **overrides):
+    kw = dict(output_dir=str(tmp_path), per_device_train_batch_size=4, max_completion_length=5, max_steps=1,
+              learning_rate=1e-2, temperature=0.7, report_to="none", save_strategy="no", logging_steps=1,
+              use_cpu=True, bf16=False, seed=0, dataloader_num_workers=0, disable_tqdm=True)
+    if cls is GRPOConfig:
+        kw["num_generations"] = 2
+    kw.update(overrides)
+    return cls(**kw)
+
+
+def make(trainer_cls, cfg, model, tok, **kw):
+    dataset = datasets.Dataset.from_dict({"prompt": PROMPTS})
+    return trainer_cls(model=model, reward_funcs=digit_reward, args=cfg, train_dataset=dataset,
+                       processing_class=tok, **kw)
+
+
+def fixed_batch(tok):
+    """A TRL-shaped batch: left-padded prompts [4, 6], right-padded completions [4, 5], advantages [4]."""
+    g = torch.Generator().manual_seed(0)
+    p_len, c_len = torch.tensor([6, 3, 5, 1]), torch.tensor([5, 2, 4, 1])
+    prompt_ids = torch.full((4, 6), tok.pad_token_id)
+    completion_ids = torch.full((4, 5), tok.pad_token_id)
+    for b in range(4):
+        prompt_ids[b, 6 - p_len[b]:] = torch.randint(4, 40, (p_len[b],), generator=g)
+        completion_ids[b, :c_len[b]] = torch.randint(4, 40, (c_len[b],), generator=g)
+    prompt_mask = (torch.arange(6) >= 6 - p_len[:, None]).long()
+    completion_mask = (torch.arange(5) < c_len[:, None]).long()
+    return {"prompt_ids": prompt_ids, "prompt_mask": prompt_mask, "completion_ids": completion_ids,
+            "completion_mask": completion_mask, "advantages": torch.tensor([1.0, -0.5, 0.25, -2.0]),
+            "num_items_in_batch": completion_mask.sum()}
+
+
+@pytest.fixture
+def kernel_calls(monkeypatch):
+    """Counts the calls into sppo_fast's head from the patched forward (proves TRL's own head was replaced)."""
+    import sppo_fast.integrations.trl as integration
+
+    calls = []
+    real = integration.lm_head_logprobs
+
+    def counting(*args, **kwargs):
+        calls.append(args[1].shape[0])  # the number of rows sent to the kernel
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(integration, "lm_head_logprobs", counting)
+    return calls
+
+
+def loss_and_grads(trainer, inputs):
+    trainer.current_gradient_accumulation_steps = 1
+    trainer.model.zero_grad(set_to_none=True)
+    loss = trainer.compute_loss(trainer.model, dict(inputs))
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("loss_type", ["dapo", "grpo"])
+def test_fused_grpo_matches_trl_on_a_fixed_batch(tmp_path, loss_type, kernel_calls):
+    tok = build_tokenizer()
+    model = tiny_model(tok)
+    reference = make(GRPOTrainer, config(GRPOConfig, tmp_path, loss_type=loss_type, entropy_coef=0.01), model, tok)
+    fused = make(FusedGRPOTrainer, config(GRPOConfig, tmp_path, loss_type=loss_type, entropy_coef=0.01),
+                 copy.deepcopy(model), tok)
+    inputs = fixed_batch(tok)
+
+    ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], 1)
+    am = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], 1)
+    ref_lp, ref_ent, _ = reference._get_per_token_logps_and_entropies(reference.model, ids, am, 5,
+                                                                        compute_entropy=True)
+    assert kernel_calls == []
+    lp, ent, _ = fused._get_per_token_logps_and_entropies(fused.model, ids, am, 5, compute_entropy=True)
+    assert kernel_calls == [int(inputs["completion_mask"].sum())]  # only the completion tokens reach the kernel
+    torch.testing.assert_close(lp, ref_lp, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(ent, ref_ent, atol=1e-5, rtol=1e-5)
+    assert (lp[inputs["completion_mask"] == 0] == 0).all()
+
+    ref_loss, ref_grads = loss_and_grads(reference, inputs)
+    loss, grads = loss_and_grads(fused, inputs)
+    torch.testing.assert_close(loss, ref_loss, atol=1e-6, rtol=1e-5)
+    assert grads.keys() == ref_grads.keys() and len(grads) > 0
+    for name in ref_grads:
+        torch.testing.assert_close(grads[name], ref_grads[name], atol=1e-6, rtol=1e-4, msg=name)
+    assert fused._metrics["train"]["entropy"] == pytest.approx(reference._metrics["train"]["entropy"], rel=1e-5)
+
+
+def test_fused_grpo_one_training_step_matches_trl(tmp_path, kernel_calls):
+    """One full step (generate, reward, loss, SGD) with the same seed: same loss, same updated weights.
+
+    SGD rather than Adam: Adam's first step is lr * sign(g) for every element, so rounding-level noise on an
+    element whose gradient is ~0 would flip a full-size step; SGD keeps the update proportional to the gradient."""
+    tok = build_tokenizer()
+    model = tiny_model(tok)
+    initial = copy.deepcopy(model)
+    reference = make(GRPOTrainer, config(GRPOConfig, tmp_path / "a", temperature=1.0, optim="sgd"), model, tok)
+    reference.train()
+    assert kernel_calls == []
+    fused = make(FusedGRPOTrainer, config(GRPOConfig, tmp_path / "b", temperature=1.0, optim="sgd"), copy.deepcopy(initial), tok)
+    fused.train()
+    assert len(kernel_calls) > 0
+    ref_log, log = reference.state.log_history[0], fused.state.log_history[0]
+    assert log["reward"] == ref_log["reward"]  # same completions were sampled
+    assert log["loss"] == pytest.approx(ref_log["loss"], rel=1e-4, abs=1e-7)
+    assert log["entropy"] == pytest.approx(ref_log["entropy"], rel=1e-4)
+    for (name, p), q in zip(reference.model.named_parameters(), fused.model.parameters()):
+        torch.testing.assert_close(q, p, atol=1e-6, rtol=1e-4, msg=name)
+    assert not torch.equal(initial.lm_head.weight, fused.model.lm_head.weight)  # the step did move the weights
+
+
+@pytest.mark.parametrize("num_iterations", [1, 2])
+def test_sppo_one_step(tmp_path, num_iterations):
+    """One SPPO step: finite loss, value head and policy both move; num_iterations=2 takes the frozen-V path."""
+    tok = build_tokenizer()
+    model = tiny_model(tok)
+    cfg = config(SPPOConfig, tmp_path, num_iterations=num_iterations, value_learning_rate=0.1)
+    assert cfg.num_generations == 1
+    trainer = make(SPPOTrainer, cfg, model, tok)
+    head_before = [p.detach().clone() for p in trainer.value_head.parameters()]
+    policy_before = model.lm_head.weight.detach().clone()
+    trainer.train()
+    log = trainer.state.log_history[0]
+    assert torch.isfinite(torch.tensor(log["loss"]))
+    assert {"sppo/value_loss", "sppo/value_mean", "clip_ratio/region_mean"} <= log.keys()
+    assert log["sppo/value_mean"] == pytest.approx(0.5, abs=1e-6)  # the untrained head predicts value_init
+    # the value head is in the optimizer with its own learning rate, and it moved
+    groups = trainer.optimizer.param_groups
+    assert any(g["lr"] == pytest.approx(0.1) or g.get("initial_lr") == pytest.approx(0.1) for g in groups)
+    assert any(not torch.equal(b, p) for b, p in zip(head_before, trainer.value_head.parameters()))
+    assert not torch.equal(policy_before, model.lm_head.weight)
+
+
+def test_sppo_loss_by_hand(tmp_path):
+    """SPPOTrainer's loss on a fixed batch equals PPO-clip (ratio 1) with A = R - sigmoid(v) plus BCE(v, R)."""
+    tok = build_tokenizer()
+    model = tiny_model(tok)
+    trainer = make(SPPOTrainer, config(SPPOConfig, tmp_path, value_coef=0.5), model, tok)
+    with torch.no_grad():
+        trainer.value_head.linear.weight.normal_(0, 0.5)
+    inputs = fixed_batch(tok)
+    inputs["sppo_rewards"] = torch.tensor([1.0, 0.0, float("nan"), 0.5])  # row 2: unscorable
+    trainer.current_gradient_accumulation_steps = 1
+    loss = trainer.compute_loss(trainer.model, dict(inputs))
+
+    with torch.no_grad():
+        ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], 1)
+        am = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], 1)
+        hidden = model.model(input_ids=ids, attention_mask=am).last_hidden_state
+        v = trainer.value_head(hidden[:, 5])
+        R = inputs["sppo_rewards"]
+        A = torch.where(torch.isnan(R), 0.0, R - torch.sigmoid(v))
+        mask = inputs["completion_mask"].bool()
+        # ratio = 1 on the first step, so the clipped loss is -A per token, token-mean over the batch
+        pg = (-A[:, None] * mask).sum() / mask.sum()
+        ok = ~torch.isnan(R)
+        bce = torch.nn.functional.binary_cross_entropy_with_logits(v[ok], R[ok])
+    torch.testing.assert_close(loss.detach(), pg + 0.5 * bce, atol=1e-6, rtol=1e-5)
+
+
+def test_sppo_config_checks(tmp_path):
+    with pytest.raises(ValueError, match="num_generations must be 1"):
+        config(SPPOConfig, tmp_path, num_generations=2)
+    with pytest.raises(ValueError, match="sppo_loss_agg"):
+        config(SPPOConfig, tmp_path, sppo_loss_agg="mean")
+    tok = build_tokenizer()
+    with pytest.raises(NotImplementedError, match="beta"):
+        make(SPPOTrainer, config(SPPOConfig, tmp_path, beta=0.1), tiny_model(tok), tok)
