@@ -32,7 +32,10 @@ setup(
     extras_require={
         "flash": ["flash-attn>=2.6"],
         "liger": ["liger-kernel>=0.5"],
-        "test": ["pytest>=8", "liger-kernel>=0.5"],
+        "lora": ["peft>=0.13"],
+        # SPPO mode and the fused GRPOTrainer override TRL internals, so the major version is pinned
+        "trl": ["trl>=1.16,<2"],
+        "test": ["pytest>=8", "liger-kernel>=0.5", "trl>=1.16,<2", "peft>=0.13"],
         "bench": ["liger-kernel>=0.5", "cut-cross-entropy>=25.1"],
     },
     entry_points={"console_scripts": ["sppo-fast=sppo_fast.cli:main"]},

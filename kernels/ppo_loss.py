@@ -4,9 +4,11 @@
     loss, stats   = ppo_clip_loss_from_logp(logp, old_logp, A, ...)  # cheap torch ops on [N] vectors
 
 Everything after `token_logprobs` works on [N]-vectors, so it is plain torch: no host syncs, no value-dependent
-Python branches, hyperparameters as runtime values (Python floats are not specialised by torch.compile in
-torch >= 2.6, `specialize_float=False`; 0-dim tensors are accepted too), and it traces with
-`torch.compile(fullgraph=True)` given that `token_logprobs` and `segment_sum` are torch.library custom ops.
+Python branches, and it traces with `torch.compile(fullgraph=True)` (`token_logprobs` and the triton
+`segment_sum` are torch.library custom ops). Hyperparameters are runtime values: Python floats become graph inputs
+under torch.compile(dynamic=True) or the default automatic dynamic (torch 2.13: `specialize_float=False`), so a
+clip schedule does not recompile (tested); under dynamic=False every new float recompiles, so pass 0-dim tensors
+there, which are accepted as is. (temperature/softcap go to token_logprobs, whose custom op takes them as floats.)
 
 Why the old log-probs must come from the same kernel: on the first minibatch the trainer passes
 `old_logp = logp.detach()` from `token_logprobs` (or scores under no_grad with it), so the ratio is exactly 1
@@ -131,11 +133,12 @@ def ppo_clip_loss_from_logp(logp: torch.Tensor, old_logp: torch.Tensor, advantag
     adv = torch.where(valid, advantages.to(dtype), 0.0)
     token_log_ratio = torch.where(valid, logp.to(dtype) - old_logp.detach().to(dtype), 0.0)
 
+    # valid tokens per sequence, for the sequence ratio and the mean over sequences (None when neither is used)
+    tokens_per_seq = seq_sum(valid_f) if ratio_level == "sequence" or loss_agg != "token-mean" else None
     if ratio_level == "sequence":
         # GSPO: one length-normalised ratio per sequence, exp(mean of its valid tokens' log-ratios); the gradient
         # reaches every token's logp through the mean
-        seq_tokens = seq_sum(valid_f)
-        seq_log_ratio = seq_sum(token_log_ratio) / seq_tokens.clamp(min=1)
+        seq_log_ratio = seq_sum(token_log_ratio) / tokens_per_seq.clamp(min=1)
         log_ratio = torch.where(valid, to_tokens(seq_log_ratio), 0.0)
     else:
         log_ratio = token_log_ratio
@@ -159,9 +162,8 @@ def ppo_clip_loss_from_logp(logp: torch.Tensor, old_logp: torch.Tensor, advantag
         dual_active = torch.zeros_like(valid)
     pg = torch.where(valid, pg, 0.0)
 
-    tokens_per_seq = seq_counts = num_counted = None  # bound in every mode: torch.compile rejects empty cells
+    seq_counts = num_counted = None  # bound in every mode: torch.compile rejects closures over empty cells
     if loss_agg != "token-mean":
-        tokens_per_seq = seq_sum(valid_f)
         seq_counts = tokens_per_seq > 0  # sequences without a valid token are left out of the mean over sequences
         num_counted = seq_counts.to(dtype).sum().clamp(min=1)
 

@@ -2,6 +2,7 @@
 
 Layout of RUN_DIR/checkpoints/step_000123/:
   policy/            save_pretrained (safetensors) of the policy, or the LoRA adapter, plus the tokenizer
+  critic/            the separate critic LLM's decoder, when there is one (PPO, or SPPO with --critic)
   value_head.safetensors
   trainer.safetensors optimizer state tensors, RNG states; JSON metadata: step, param groups, scheduler, sampler
 The directory is written as step_000123.tmp and renamed into place, so a crash never leaves a half checkpoint
@@ -59,7 +60,7 @@ def set_rng_state(tensors: dict, meta: dict) -> None:
 
 
 def save(run_dir, step: int, *, policy, tokenizer, value_head, optimizer, scheduler, sampler_state: dict,
-         extra: dict, keep_last: int = 3) -> Path:
+         extra: dict, keep_last: int = 3, critic=None) -> Path:
     """Write checkpoint `step` atomically and prune older ones beyond `keep_last`. Returns its directory."""
     root = Path(run_dir) / "checkpoints"
     final = root / f"step_{step:06d}"
@@ -68,6 +69,8 @@ def save(run_dir, step: int, *, policy, tokenizer, value_head, optimizer, schedu
     tmp.mkdir(parents=True)
     policy.save_pretrained(tmp / "policy", safe_serialization=True)
     tokenizer.save_pretrained(tmp / "policy")
+    if critic is not None:  # a separate critic LLM (PPO, or SPPO with --critic)
+        critic.save_pretrained(tmp / "critic", safe_serialization=True)
     if value_head is not None:
         save_file({k: v.detach().cpu().contiguous() for k, v in value_head.state_dict().items()},
                   tmp / "value_head.safetensors")

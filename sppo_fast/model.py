@@ -59,11 +59,30 @@ def load_policy(path, *, device, attn_implementation: str, gradient_checkpointin
     if liger and device.type == "cuda":
         apply_liger(model)
     if gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_checkpointing(model)
         model.config.use_cache = False
     if lora_rank > 0:
         model = wrap_lora(model, lora_rank, lora_alpha, lora_target)
     return model
+
+
+def load_critic(path, *, device, attn_implementation: str, gradient_checkpointing: bool = False):
+    """A separate critic LLM: the decoder of a causal LM (AutoModel: no lm_head, whose V x H weights a critic
+    never uses), fp32 master weights like the policy."""
+    from transformers import AutoModel
+
+    path = check_model_dir(path)
+    model = AutoModel.from_pretrained(str(path), dtype=torch.float32, attn_implementation=attn_implementation)
+    model.to(device)
+    if gradient_checkpointing:
+        enable_checkpointing(model)
+    return model
+
+
+def enable_checkpointing(model) -> None:
+    """Activation checkpointing of the decoder layers (transformers >= 5.2 renamed gradient_checkpointing_enable)."""
+    enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+    enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
 def apply_liger(model) -> bool:
@@ -97,23 +116,13 @@ def _load_adapter(path, *, device, attn_implementation, gradient_checkpointing):
     model = AutoModelForCausalLM.from_pretrained(str(check_model_dir(base)), dtype=torch.float32,
                                                  attn_implementation=attn_implementation).to(device)
     if gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_checkpointing(model)
     return PeftModel.from_pretrained(model, str(path), is_trainable=True)
 
 
 def unwrap(model):
     """The transformers model under a peft wrapper (or the model itself)."""
     return model.get_base_model() if hasattr(model, "get_base_model") else model
-
-
-def lm_head(model):
-    """(weight [V, H], final-logit softcap or None). Tied embeddings share one tensor, so this is it either way."""
-    base = unwrap(model)
-    head = base.get_output_embeddings()
-    if getattr(head, "bias", None) is not None:
-        raise NotImplementedError("lm_head with a bias is not supported by the fused log-prob kernels")
-    softcap = getattr(base.config, "final_logit_softcapping", None)
-    return head.weight, softcap
 
 
 def hidden_states(model, batch) -> torch.Tensor:

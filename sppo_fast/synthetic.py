@@ -13,8 +13,8 @@ are there to make the task multi-step (each step is a 1-2 digit + 1 digit additi
 final answer is right only if every step is).
 
 Everything is pure Python and seeded: ``make_dataset(n, seed)`` is a deterministic function of its arguments, and
-``train_eval_datasets`` builds a held-out eval set (from ``EVAL_SEED``) and a train set (from ``TRAIN_SEED``) that
-share no prompt.
+``train_eval_datasets`` builds a held-out eval set of distinct prompts (from ``EVAL_SEED``) and a train set (from
+``TRAIN_SEED``) that shares no prompt with it.
 """
 from __future__ import annotations
 
@@ -73,24 +73,27 @@ def make_problem(
     return {"prompt": prompt, "answer": answer, "solution": ",".join(steps) + ";" + answer}
 
 
-def make_dataset(n: int, seed: int, **task_kwargs) -> list[dict]:
-    """``n`` problems with distinct prompts, a deterministic function of ``(n, seed, task_kwargs)``.
+def make_dataset(n: int, seed: int, unique: bool = False, **task_kwargs) -> list[dict]:
+    """``n`` problems drawn i.i.d. from ``random.Random(seed)``: a deterministic function of the arguments.
 
-    Raises ``ValueError`` when the task has fewer than ``n`` distinct prompts (or they are too hard to find).
+    With ``unique=True`` every prompt appears once (a few task settings have few distinct short prompts, e.g. 900
+    two-term chains by default, so deduping a large set skews it toward long chains; eval sets dedupe, train sets
+    need not). Raises ``ValueError`` when ``unique`` and the task has too few distinct prompts.
     """
-    return _make_unique(n, random.Random(seed), set(), task_kwargs)
+    return _draw(n, random.Random(seed), set(), unique, task_kwargs)
 
 
 def train_eval_datasets(n_train: int, n_eval: int, **task_kwargs) -> tuple[list[dict], list[dict]]:
-    """``(train, eval)``: ``n_eval`` held-out problems from ``EVAL_SEED`` and ``n_train`` problems from
-    ``TRAIN_SEED`` whose prompts are all absent from the eval set (and distinct from one another)."""
-    eval_set = make_dataset(n_eval, EVAL_SEED, **task_kwargs)
+    """``(train, eval)``: ``n_eval`` distinct held-out problems from ``EVAL_SEED`` and ``n_train`` i.i.d. problems
+    from ``TRAIN_SEED`` with every eval prompt left out, so train and eval share no prompt. (Train prompts may
+    repeat; the task distribution is otherwise the same for both.)"""
+    eval_set = make_dataset(n_eval, EVAL_SEED, unique=True, **task_kwargs)
     exclude = {p["prompt"] for p in eval_set}
-    train_set = _make_unique(n_train, random.Random(TRAIN_SEED), exclude, task_kwargs)
+    train_set = _draw(n_train, random.Random(TRAIN_SEED), exclude, False, task_kwargs)
     return train_set, eval_set
 
 
-def _make_unique(n: int, rng: random.Random, exclude: set, task_kwargs: dict) -> list[dict]:
+def _draw(n: int, rng: random.Random, exclude: set, unique: bool, task_kwargs: dict) -> list[dict]:
     if n < 0:
         raise ValueError(f"n must be >= 0, got {n}")
     out: list[dict] = []
@@ -101,9 +104,11 @@ def _make_unique(n: int, rng: random.Random, exclude: set, task_kwargs: dict) ->
         if p["prompt"] in seen:
             misses += 1
             if misses > 100 * n + 10_000:
-                raise ValueError(f"could not draw {n} distinct prompts (got {len(out)}) for task {task_kwargs}")
+                raise ValueError(f"could not draw {n} problems (got {len(out)}) outside the excluded/seen prompts "
+                                 f"for task {task_kwargs}")
             continue
-        seen.add(p["prompt"])
+        if unique:
+            seen.add(p["prompt"])
         out.append(p)
     return out
 

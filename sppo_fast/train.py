@@ -27,7 +27,8 @@ import torch.nn.functional as F
 from sppo_fast import checkpoint, data, rewards
 from sppo_fast.kernels import ppo_clip_loss, ppo_clip_loss_from_logp, token_logprobs
 from sppo_fast.metrics import MetricsLogger
-from sppo_fast.model import attention_implementation, hidden_states, lm_head, load_policy, load_tokenizer
+from sppo_fast.hf import lm_head_params
+from sppo_fast.model import attention_implementation, hidden_states, load_critic, load_policy, load_tokenizer
 from sppo_fast.rollout import generate, pack, split_by_tokens
 from sppo_fast.value_head import ValueHead, pool_prompt_states
 
@@ -60,7 +61,15 @@ class Args:
 
     # --- algorithm
     algo: str = "sppo"
-    """sppo (one sample per prompt, value head baseline) or grpo (group_size samples, group-mean baseline)"""
+    """sppo (one sample per prompt, value-head baseline), grpo (group_size samples, group-mean baseline) or ppo
+    (one sample per prompt, a separate critic LLM with token values and GAE)"""
+    critic: str = ""
+    """separate critic model directory: for sppo, the paper's separate scalar critic (value head on the critic's
+    prompt state); for ppo, the critic LLM (default: a copy of the policy's initial weights)"""
+    gae_lambda: float = 0.95
+    """PPO: GAE lambda (gamma is 1: one terminal reward per response)"""
+    value_clip: float = 0.2
+    """PPO: value clipping range around the pre-update values"""
     steps: int = 200
     """training steps (one rollout batch each)"""
     batch_size: int = 64
@@ -164,7 +173,7 @@ class Args:
 
 
 def check_args(args: Args) -> None:
-    choices = {"algo": ("sppo", "grpo"), "loss_agg": ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum"),
+    choices = {"algo": ("sppo", "grpo", "ppo"), "loss_agg": ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum"),
                "ratio_level": ("token", "sequence"), "value_loss": ("bce", "mse"), "value_pooling": ("last", "mean"),
                "kernel_impl": ("auto", "triton", "torch")}
     for name, allowed in choices.items():
@@ -175,6 +184,8 @@ def check_args(args: Args) -> None:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.algo == "grpo" and args.group_size < 2:
         raise ValueError("GRPO needs --group-size >= 2 (its baseline is the group mean)")
+    if args.critic and args.algo == "grpo":
+        raise ValueError("--critic is for sppo and ppo; GRPO has no value function")
     if args.num_minibatches > args.batch_size * (args.group_size if args.algo == "grpo" else 1):
         raise ValueError("--num-minibatches is larger than the number of samples per step")
 
@@ -186,7 +197,7 @@ def score_rewards(reward_fn, rows, samples, args) -> torch.Tensor:
     sample_rows = [rows[s.row] for s in samples]
     columns = {k: [r.get(k) for r in sample_rows] for k in sample_rows[0] if k != "prompt"}
     values = rewards.compute_rewards(reward_fn, [r["prompt"] for r in sample_rows], [s.text for s in samples],
-                                     columns, allow_outside_unit=args.value_loss == "mse" or args.algo == "grpo")
+                                     columns, allow_outside_unit=args.value_loss == "mse" or args.algo != "sppo")
     return torch.tensor(values, dtype=torch.float32)
 
 
@@ -200,6 +211,7 @@ def group_advantages(R: torch.Tensor, group_size: int, scale_std: bool) -> torch
 
 
 def value_of(v: torch.Tensor, value_loss: str) -> torch.Tensor:
+    """SPPO's V(prompt) from the head's logit: a probability of success under BCE, the raw output under MSE."""
     return torch.sigmoid(v) if value_loss == "bce" else v
 
 
@@ -210,10 +222,16 @@ def value_loss_fn(v: torch.Tensor, R: torch.Tensor, value_loss: str) -> torch.Te
 
 
 class Stepper:
-    """Everything one update needs: policy, value head, optimizer. Methods are the loop's phases."""
+    """Everything one update needs: policy, critic, optimizer. Its methods are the loop's update phase.
 
-    def __init__(self, args, policy, value_head, optimizer, scheduler, tokenizer, device):
-        self.args, self.policy, self.value_head = args, policy, value_head
+    Value designs (`value_head` + `critic`):
+      SPPO, shared head (default): critic is None; value_head reads the policy's own prompt state.
+      SPPO, separate critic (--critic PATH, the paper's design): value_head reads the critic LLM's prompt state.
+      PPO: value_head reads the critic LLM's state before every response token (token values, GAE).
+    """
+
+    def __init__(self, args, policy, value_head, optimizer, scheduler, tokenizer, device, critic=None):
+        self.args, self.policy, self.value_head, self.critic = args, policy, value_head, critic
         self.optimizer, self.scheduler, self.tokenizer, self.device = optimizer, scheduler, tokenizer, device
         self.packed = policy.config._attn_implementation == "flash_attention_2"
         # raw prompts get the tokenizer's special tokens (e.g. BOS); chat-templated text already holds them
@@ -223,40 +241,54 @@ class Stepper:
         self.autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" and args.bf16 \
             else torch.autocast(device.type, enabled=False)
 
-    def forward(self, batch, check_values: bool):
-        """One backbone forward -> (response-token hidden [N, H], lm_head weight, softcap, value logits v [B] or None)."""
+    def forward(self, batch):
+        """One policy forward (+ the critic's, if separate) ->
+        (response-token hidden [N, H], lm_head weight, softcap, value logits: [B] (SPPO), [N] (PPO) or None)."""
         with self.autocast:
             hidden = hidden_states(self.policy, batch)
-        weight, softcap = lm_head(self.policy)
+        weight, softcap, logit_scale = lm_head_params(self.policy)
         h_resp = hidden[batch.resp_rows]
+        if logit_scale != 1.0:  # models that scale logits (Cohere, Granite): scaling the rows is the same and cheaper
+            h_resp = h_resp * logit_scale
         weight = weight.to(h_resp.dtype)  # differentiable cast: grads reach the fp32 master weight
         v = None
-        if self.value_head is not None:
+        if self.critic is not None:  # a separate critic LLM: a second forward over the same tokens
+            with self.autocast:
+                c_hidden = hidden_states(self.critic, batch)
+            v = self.value_head(c_hidden[batch.resp_rows] if self.args.algo == "ppo" else pool_prompt_states(
+                c_hidden, batch.prompt_rows, batch.prompt_seq_ids, batch.last_prompt_rows, self.args.value_pooling))
+        elif self.value_head is not None:
             pooled = pool_prompt_states(hidden, batch.prompt_rows, batch.prompt_seq_ids, batch.last_prompt_rows,
                                         self.args.value_pooling)
             v = self.value_head(pooled if self.args.value_grad_to_backbone else pooled.detach())
         return h_resp, weight, softcap, v
 
+    def pack(self, samples, group):
+        return pack(samples, group, packed=self.packed, pad_token_id=self.tokenizer.pad_token_id).to(self.device)
+
     @torch.no_grad()
     def score(self, samples, groups, check_values: bool):
-        """Old log-probs and pre-update values for every sample, with the forward-only fused kernel (num_minibatches>1)."""
-        old_logp, values = {}, {}
+        """Old log-probs and pre-update value logits per sample, with the forward-only fused kernel.
+
+        Needed only when a batch gets several optimizer steps (num_minibatches > 1)."""
+        old_logp, old_v = {}, {}
         for group in groups:
-            batch = pack(samples, group, packed=self.packed, pad_token_id=self.tokenizer.pad_token_id).to(self.device)
-            h_resp, weight, softcap, v = self.forward(batch, check_values)
+            batch = self.pack(samples, group)
+            h_resp, weight, softcap, v = self.forward(batch)
             logp = token_logprobs(h_resp, weight, batch.targets, temperature=self.args.temperature, softcap=softcap,
                                   impl=self.args.kernel_impl, check_values=check_values)
-            pieces = logp.split([len(samples[i].response_ids) for i in group])  # lengths known on the host
-            for b, i in enumerate(group):
-                old_logp[i] = pieces[b]
-                if v is not None:
-                    values[i] = v[b]
-        return old_logp, values
+            lengths = [len(samples[i].response_ids) for i in group]  # known on the host: no device sync
+            for b, (i, piece) in enumerate(zip(group, logp.split(lengths))):
+                old_logp[i] = piece
+            if v is not None:
+                pieces = v.split(lengths) if self.args.algo == "ppo" else v.unbind()
+                old_v.update(zip(group, pieces))
+        return old_logp, old_v
 
     def update(self, samples, R, fixed_adv, check_values: bool):
         """PPO-clip update(s) on one rollout batch.
 
-        Returns (device-side sums of the step's statistics, pre-update values V [num_samples] or None)."""
+        Returns (device-side sums of the step's statistics, pre-update V per sample [num_samples] or None)."""
         args = self.args
         order = torch.randperm(len(samples)).tolist() if args.num_minibatches > 1 else list(range(len(samples)))
         minibatches = [order[k::args.num_minibatches] for k in range(args.num_minibatches)]
@@ -268,21 +300,26 @@ class Stepper:
             n_tok = sum(len(samples[i].response_ids) for i in mb)
             self.optimizer.zero_grad(set_to_none=True)
             for group in micro(mb):
-                batch = pack(samples, group, packed=self.packed, pad_token_id=self.tokenizer.pad_token_id)
-                batch.to(self.device)
-                h_resp, weight, softcap, v = self.forward(batch, check_values)
+                batch = self.pack(samples, group)
+                lengths = [len(samples[i].response_ids) for i in group]
+                h_resp, weight, softcap, v = self.forward(batch)
                 R_g = R[group].to(self.device)
+                # Old values: from the scoring pass, or this very forward detached (prompt states, and in PPO the
+                # critic, are still pre-update here: the optimizer steps only after all micro-batches).
+                old_v = None if v is None else v.detach() if scored_v is None else torch.cat(
+                    [scored_v[i].reshape(-1) for i in group])
+                if fixed_adv is not None:  # GRPO: group baseline, computed from rewards alone
+                    adv = fixed_adv[group].to(self.device)
+                elif args.algo == "ppo":  # token values -> GAE (gamma = 1), per token
+                    adv = gae_advantages(old_v, R_g, lengths, args.gae_lambda)
+                    values[group] = old_v[batch.cu_seqlens[:-1]]  # V of the state before the first response token
+                else:  # SPPO: A = R - V(prompt), one number per sequence
+                    V = value_of(old_v, args.value_loss)
+                    adv = R_g - V
+                    values[group] = V
                 kernel_kw = dict(cu_seqlens=batch.cu_seqlens, clip_low=args.clip_low, clip_high=args.clip_high,
                                  dual_clip=args.dual_clip or None, ratio_level=args.ratio_level,
                                  loss_agg=args.loss_agg, entropy_coef=args.entropy_coef)
-                if fixed_adv is not None:
-                    adv = fixed_adv[group].to(self.device)
-                elif scored_v is not None:
-                    V = value_of(torch.stack([scored_v[i] for i in group]), args.value_loss)
-                    adv = R_g - V
-                else:
-                    V = value_of(v.detach(), args.value_loss)  # prompt state is pre-update: same forward, detached
-                    adv = R_g - V
                 if scored_logp is None:
                     # First (only) minibatch: the old policy IS the current one, so old_logp = logp.detach() gives a
                     # ratio of exactly 1 with no scoring pass. Same kernel, same numbers.
@@ -296,21 +333,27 @@ class Stepper:
                                                    softcap=softcap, impl=args.kernel_impl, check_values=check_values,
                                                    **kernel_kw)
                 # micro-batch losses are means over their own tokens/samples: re-weight to the minibatch's mean
-                tok_w = batch.num_resp_tokens / n_tok
-                seq_w = len(group) / len(mb)
-                loss = pg_loss * (tok_w if args.loss_agg == "token-mean" else seq_w)
+                tok_w, seq_w = batch.num_resp_tokens / n_tok, len(group) / len(mb)
+                w = tok_w if args.loss_agg == "token-mean" else seq_w
+                loss = pg_loss * w
                 if v is not None:
-                    vf_loss = value_loss_fn(v, R_g, args.value_loss)
-                    loss = loss + args.value_coef * vf_loss * seq_w
-                    _acc(totals, "losses/value", vf_loss.detach() * seq_w / args.num_minibatches)
-                    values[group] = V.detach()
+                    if args.algo == "ppo":
+                        returns = adv + old_v
+                        vf_loss = clipped_value_loss(v, old_v, returns, args.value_clip)
+                        vf_w = tok_w
+                    else:
+                        vf_loss, vf_w = value_loss_fn(v, R_g, args.value_loss), seq_w
+                    loss = loss + args.value_coef * vf_loss * vf_w
+                    _acc(totals, "losses/value", vf_loss.detach() * vf_w / args.num_minibatches)
                 loss.backward()
-                _acc(totals, "losses/policy", pg_loss.detach() * seq_w / args.num_minibatches)
+                _acc(totals, "losses/policy", pg_loss.detach() * w / args.num_minibatches)
                 for key in ("clipfrac", "dual_clipfrac", "approx_kl", "entropy", "logp"):
-                    _acc(totals, f"stats/{key}", stats[key] * batch.num_resp_tokens / (n_tok * args.num_minibatches))
+                    _acc(totals, f"stats/{key}", stats[key] * tok_w / args.num_minibatches)
                 _acc(totals, "stats/ratio_max", stats["ratio_max"], reduce=torch.maximum)
                 _acc(totals, "stats/ratio_min", stats["ratio_min"], reduce=torch.minimum)
-                _acc(totals, "stats/advantage_abs", adv.abs().sum() / len(samples))
+                adv_tok = adv if adv.shape[0] == batch.num_resp_tokens else adv.repeat_interleave(
+                    torch.tensor(lengths, device=self.device))
+                _acc(totals, "stats/advantage_abs", adv_tok.abs().sum() / (n_tok * args.num_minibatches))
             params = [p for g in self.optimizer.param_groups for p in g["params"]]
             grad_norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm if args.max_grad_norm > 0 else 1e30)
             # The one host sync of the update: a NaN/inf step is skipped instead of poisoning the weights.
@@ -322,6 +365,35 @@ class Stepper:
             _acc(totals, "stats/grad_norm", grad_norm / args.num_minibatches)
         self.scheduler.step()
         return totals, values if self.value_head is not None else None
+
+
+def gae_advantages(values: torch.Tensor, R: torch.Tensor, lengths: list, lam: float) -> torch.Tensor:
+    """GAE with gamma = 1 for a terminal reward. values [N]: V of the state before each response token, sequences
+    back to back (`lengths` tokens each); R [B]. Returns A [N]; the returns are A + values.
+
+    delta_t = r_t + V_{t+1} - V_t (r only at the last token, V after it = 0); A_t = delta_t + lam * A_{t+1}.
+    The recursion runs over a [B, L] padded grid, one vector op per position (L Python steps, no host sync).
+    """
+    B, L = len(lengths), max(lengths)
+    flat = torch.tensor([b * L + t for b, n in enumerate(lengths) for t in range(n)], device=values.device)
+    V = torch.zeros(B * L, device=values.device, dtype=torch.float32).index_copy(0, flat, values.float()).view(B, L)
+    valid = torch.zeros(B * L, device=values.device, dtype=torch.bool).index_fill(0, flat, True).view(B, L)
+    next_V = torch.cat([V[:, 1:], V.new_zeros(B, 1)], dim=1)  # 0 past the end: padding holds zeros
+    last = torch.tensor([n - 1 for n in lengths], device=values.device)
+    rewards = torch.zeros_like(V).index_put_((torch.arange(B, device=values.device), last), R.float())
+    delta = (rewards + next_V - V) * valid
+    adv = torch.zeros_like(V)
+    running = V.new_zeros(B)
+    for t in reversed(range(L)):
+        running = delta[:, t] + lam * running
+        adv[:, t] = running
+    return adv.view(-1)[flat]
+
+
+def clipped_value_loss(v, old_v, returns, clip: float):
+    """PPO's value loss with value clipping: 0.5 * max((v - G)^2, (old + clip(v - old, +-clip) - G)^2), token-mean."""
+    v_clipped = old_v + (v - old_v).clamp(-clip, clip)
+    return 0.5 * torch.maximum((v - returns).square(), (v_clipped - returns).square()).mean()
 
 
 def _acc(totals: dict, key: str, value: torch.Tensor, reduce=torch.add) -> None:
@@ -355,7 +427,9 @@ def _evaluate(stepper, eval_rows, eval_texts, reward_fn, args) -> dict:
         for start in range(0, len(greedy), 64):
             batch = pack(greedy, list(range(start, min(start + 64, len(greedy)))), packed=stepper.packed,
                          pad_token_id=stepper.tokenizer.pad_token_id).to(stepper.device)
-            values.append(value_of(stepper.forward(batch, False)[3], args.value_loss).cpu())
+            v = stepper.forward(batch)[3]
+            # PPO's critic gives token values: its V(prompt) is the value before the first response token
+            values.append((v[batch.cu_seqlens[:-1]] if args.algo == "ppo" else value_of(v, args.value_loss)).cpu())
         V = torch.cat(values).repeat_interleave(args.eval_k)  # each prompt's V against each of its k samples
         out["eval/value_mean"] = V.mean().item()
         out["eval/value_pearson"] = pearson(V, R_sampled)
@@ -399,12 +473,19 @@ def main(args: Args) -> dict:
                          gradient_checkpointing=args.gradient_checkpointing, liger=args.liger,
                          lora_rank=0 if resume_ckpt is not None else args.lora_rank, lora_alpha=args.lora_alpha)
     policy.train()
-    hidden_size = policy.config.get_text_config().hidden_size
-    value_head = ValueHead(hidden_size).to(device) if args.algo == "sppo" else None
+    critic = None
+    if args.algo == "ppo" or args.critic:  # a separate critic LLM (decoder only: it needs no lm_head)
+        critic_path = resume_ckpt / "critic" if resume_ckpt is not None else args.critic or model_path
+        critic = load_critic(critic_path, device=device, attn_implementation=attention_implementation(device),
+                             gradient_checkpointing=args.gradient_checkpointing)
+        critic.train()
+    hidden_size = (critic or policy).config.get_text_config().hidden_size
+    value_head = ValueHead(hidden_size).to(device) if args.algo != "grpo" else None
     groups = [{"params": [p for p in policy.parameters() if p.requires_grad], "lr": args.lr,
                "weight_decay": args.weight_decay}]
     if value_head is not None:
-        groups.append({"params": list(value_head.parameters()), "lr": args.value_lr, "weight_decay": 0.0})
+        value_params = list(value_head.parameters()) + (list(critic.parameters()) if critic is not None else [])
+        groups.append({"params": value_params, "lr": args.value_lr, "weight_decay": 0.0})
     optimizer = torch.optim.AdamW(groups, betas=(0.9, 0.999), eps=1e-8, fused=device.type == "cuda")
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: min(1.0, (s + 1) / args.warmup_steps) if args.warmup_steps > 0 else 1.0)
@@ -431,19 +512,21 @@ def main(args: Args) -> dict:
         start_step, history = meta["step"], meta["extra"].get("history", {})
         print(f"resumed from {resume_ckpt} at step {start_step}")
 
-    stepper = Stepper(args, policy, value_head, optimizer, scheduler, tokenizer, device)
+    stepper = Stepper(args, policy, value_head, optimizer, scheduler, tokenizer, device, critic=critic)
     logger = MetricsLogger(run_dir, tensorboard=args.tensorboard)
     print(f"run dir: {run_dir}\nmodel: {model_path} ({sum(p.numel() for p in policy.parameters()) / 1e6:.2f}M params,"
           f" {policy.config._attn_implementation}, {device}); train {len(train_rows)} / eval {len(eval_rows)} prompts")
 
     def save(step):
-        return checkpoint.save(run_dir, step, policy=policy, tokenizer=tokenizer, value_head=value_head,
+        return checkpoint.save(run_dir, step, policy=policy, critic=critic, tokenizer=tokenizer, value_head=value_head,
                                optimizer=optimizer, scheduler=scheduler, sampler_state=sampler.state_dict(),
                                extra={"history": history}, keep_last=args.keep_last)
 
+    # cumulative work, for learning-efficiency plots (accuracy against sampled tokens / training time; eval excluded)
+    counters = history.setdefault("counters", {"rollout/sampled_tokens": 0, "time/train_s": 0.0})
     if start_step == 0:
         history["start"] = evaluate(stepper, eval_rows, eval_texts, reward_fn, args)
-        logger.log(0, history["start"])
+        logger.log(0, {**history["start"], **counters})
         print("eval at start: " + _fmt(history["start"]))
 
     # Ctrl-C: finish nothing half-way; save at the next safe point and exit cleanly
@@ -478,6 +561,8 @@ def main(args: Args) -> dict:
                 raise FloatingPointError(f"{nonfinite_in_a_row} consecutive steps had a NaN/inf loss or gradient "
                                          f"(last at step {step}); stopping without saving a checkpoint")
             resp_tokens = sum(len(s.response_ids) for s in samples)
+            counters["rollout/sampled_tokens"] += resp_tokens
+            counters["time/train_s"] += t3 - t0
             if step % args.log_every == 0 or step == args.steps:
                 scalars = {k: v.item() for k, v in totals.items()}  # host sync, once per log interval
                 scalars.update({"reward/mean": R.mean().item(), "reward/solved": (R > 0.5).float().mean().item(),
@@ -486,7 +571,7 @@ def main(args: Args) -> dict:
                                 "perf/rollout_s": t1 - t0, "perf/reward_s": t2 - t1,
                                 "perf/update_s": t3 - t2, "perf/tokens_per_s": resp_tokens / (t3 - t0),
                                 "perf/samples_per_s": len(samples) / (t3 - t0),
-                                "lr/policy": scheduler.get_last_lr()[0]})
+                                "lr/policy": scheduler.get_last_lr()[0], **counters})
                 if values is not None:
                     scalars["value/mean"] = values.mean().item()
                     scalars["value/pearson"] = pearson(values.cpu(), R)
@@ -496,21 +581,21 @@ def main(args: Args) -> dict:
             bar.update(1)
             if args.eval_every and step % args.eval_every == 0 and step != args.steps:
                 ev = evaluate(stepper, eval_rows, eval_texts, reward_fn, args)
-                logger.log(step, ev)
+                logger.log(step, {**ev, **counters})
                 bar.write(f"step {step}: " + _fmt(ev))
             if args.save_every and step % args.save_every == 0:
                 save(step)
             if interrupted["flag"]:
                 bar.write(f"interrupted: saved {save(step)}")
                 return {"interrupted": True, "step": step, "run_dir": str(run_dir)}
+        bar.close()
+        history["end"] = evaluate(stepper, eval_rows, eval_texts, reward_fn, args)
+        logger.log(step, {**history["end"], **counters})
+        ckpt = save(step)
     finally:
         signal.signal(signal.SIGINT, previous_handler)
         bar.close()
         logger.close()
-
-    history["end"] = evaluate(stepper, eval_rows, eval_texts, reward_fn, args)
-    MetricsLogger(run_dir, tensorboard=False).log(step, history["end"])
-    ckpt = save(step)
     start, end = history.get("start", {}), history["end"]
     print("eval at end:   " + _fmt(end))
     if start:

@@ -303,3 +303,20 @@ def test_triton_deterministic_on_gpu():
     part = token_logprobs(hidden[offset:], weight, targets[offset:], return_entropy=True, impl="triton")
     for a, b, c in zip(first, second, part):
         assert torch.equal(a, b) and torch.equal(a[offset:], c)
+
+
+@pytest.mark.skipif(not CUDA, reason="needs a GPU")
+def test_triton_does_not_recompile_per_n_or_hyperparameter():
+    kernel = logprobs_module._logprobs_fwd_kernel
+    if not hasattr(kernel, "device_caches"):  # Triton-internal; the layout this reads is Triton 3.x's
+        pytest.skip("this Triton keeps no device_caches")
+
+    def n_compiled():
+        return sum(len(cache[0]) for cache in kernel.device_caches.values())
+
+    hidden, weight, targets, _, _ = _make_inputs(1000, 256, 5000, torch.bfloat16, device="cuda")
+    token_logprobs(hidden, weight, targets, temperature=0.7, softcap=30.0, impl="triton")
+    before = n_compiled()
+    for n, temperature, softcap in [(999, 1.3, 20.0), (517, 0.6, 50.0)]:
+        token_logprobs(hidden[:n], weight, targets[:n], temperature=temperature, softcap=softcap, impl="triton")
+    assert n_compiled() == before

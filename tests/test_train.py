@@ -15,7 +15,8 @@ import torch.nn.functional as F
 from sppo_fast import checkpoint
 from sppo_fast.cli import build_args
 from sppo_fast.cli import main as cli_main
-from sppo_fast.model import hidden_states, lm_head, load_policy, load_tokenizer
+from sppo_fast.hf import lm_head_params
+from sppo_fast.model import hidden_states, load_policy, load_tokenizer
 from sppo_fast.rollout import Sample, pack
 from sppo_fast.tiny import default_model_path
 from sppo_fast.train import Args, Stepper, main, value_loss_fn
@@ -101,7 +102,7 @@ def test_losses_match_a_hand_computation():
 
     # by hand: per sample, full logits of the response tokens; V from the last prompt token
     pg_terms, n_tok, vs = [], 0, []
-    weight, _ = lm_head(policy)
+    weight, _, _ = lm_head_params(policy)
     with torch.no_grad():
         for s, r in zip(samples, R):
             ids = torch.tensor([s.prompt_ids + s.response_ids])

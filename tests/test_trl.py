@@ -131,10 +131,11 @@ def test_fused_grpo_one_training_step_matches_trl(tmp_path, kernel_calls):
     tok = build_tokenizer()
     model = tiny_model(tok)
     initial = copy.deepcopy(model)
-    reference = make(GRPOTrainer, config(GRPOConfig, tmp_path / "a", temperature=1.0, optim="sgd"), model, tok)
+    step = dict(temperature=1.0, optim="sgd")
+    reference = make(GRPOTrainer, config(GRPOConfig, tmp_path / "a", **step), model, tok)
     reference.train()
     assert kernel_calls == []
-    fused = make(FusedGRPOTrainer, config(GRPOConfig, tmp_path / "b", temperature=1.0, optim="sgd"), copy.deepcopy(initial), tok)
+    fused = make(FusedGRPOTrainer, config(GRPOConfig, tmp_path / "b", **step), copy.deepcopy(initial), tok)
     fused.train()
     assert len(kernel_calls) > 0
     ref_log, log = reference.state.log_history[0], fused.state.log_history[0]
@@ -166,6 +167,9 @@ def test_sppo_one_step(tmp_path, num_iterations):
     assert any(g["lr"] == pytest.approx(0.1) or g.get("initial_lr") == pytest.approx(0.1) for g in groups)
     assert any(not torch.equal(b, p) for b, p in zip(head_before, trainer.value_head.parameters()))
     assert not torch.equal(policy_before, model.lm_head.weight)
+    trainer.save_model(str(tmp_path / "saved"))
+    saved = torch.load(tmp_path / "saved" / "value_head.pt")
+    torch.testing.assert_close(saved["linear.weight"], trainer.value_head.linear.weight)
 
 
 def test_sppo_loss_by_hand(tmp_path):
@@ -203,3 +207,21 @@ def test_sppo_config_checks(tmp_path):
     tok = build_tokenizer()
     with pytest.raises(NotImplementedError, match="beta"):
         make(SPPOTrainer, config(SPPOConfig, tmp_path, beta=0.1), tiny_model(tok), tok)
+
+
+def test_fused_grpo_with_lora_matches_trl(tmp_path):
+    """peft: TRL patches the base model under the LoRA wrapper; so do we. Same loss and adapter gradients."""
+    peft = pytest.importorskip("peft")
+    tok = build_tokenizer()
+    lora = dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0, init_lora_weights=False)
+    inputs = fixed_batch(tok)
+    results = []
+    for cls in (GRPOTrainer, FusedGRPOTrainer):
+        torch.manual_seed(1)  # same LoRA init in both
+        trainer = make(cls, config(GRPOConfig, tmp_path), tiny_model(tok), tok, peft_config=peft.LoraConfig(**lora))
+        results.append(loss_and_grads(trainer, inputs))
+    (ref_loss, ref_grads), (loss, grads) = results
+    torch.testing.assert_close(loss, ref_loss, atol=1e-6, rtol=1e-5)
+    assert grads.keys() == ref_grads.keys() and all("lora_" in name for name in grads)
+    for name in ref_grads:
+        torch.testing.assert_close(grads[name], ref_grads[name], atol=1e-6, rtol=1e-4, msg=name)

@@ -1,0 +1,632 @@
+"""Learning efficiency on CPU: SPPO against GRPO (G=4, G=8), PPO and SPPO with a separate critic, on the embedded
+tiny model and the synthetic addition-chain task. Held-out accuracy against sampled tokens and training wall-clock.
+
+    python bench/bench_learning.py                  # the full CPU run (~30-40 min on 2 cores), resumable
+    python bench/bench_learning.py --quick          # CI smoke test (< 60 s): 1 seed, 2 steps, 2 algorithms, temp dir
+    python bench/bench_learning.py --algos sppo,grpo8 --seeds 0,1,2 --lr-mults 0.3,1,3
+
+Protocol (identical for every algorithm):
+  * equal samples per step: SPPO/PPO `batch` prompts x 1; GRPO-G `batch/G` prompts x G (the demo preset's batch 64);
+  * the same number of steps (the preset's), except GRPO G=8, which gets `--grpo8-step-mult` (default 4) times the
+    steps so that its final accuracy is visible and SPPO can be tested at <= 1/4 of its sampled tokens;
+  * the same learning-rate sweep on seed 0 (policy lr = preset lr x each of --lr-mults; when the best lr sits at an
+    edge of the grid, the grid is extended once in that direction, by the same rule for every algorithm), then
+    the separate-critic algorithms (PPO, SPPO --critic) also try critic lr = policy lr x each of --critic-lr-mults
+    at their best policy lr; the best configuration (final (pass@1 + avg@k) / 2) then runs the remaining seeds;
+  * SPPO's shared value head keeps the preset's value_lr.
+Every run is a fresh subprocess (`--threads 1`), `--workers` at a time. Each finished run is appended to the JSONL at
+once, and a rerun with the same --out skips runs already there (same configuration), so a crash loses one run at most.
+
+Outputs (default prefix bench/results/learning-cpu-<date>): .jsonl (one "run" row per run, one "summary" row per
+algorithm, one "env" row), .md (tables + verdict), .png (accuracy vs sampled tokens and vs training seconds).
+"""
+import argparse
+import datetime
+import json
+import math
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+RESULTS = REPO / "bench" / "results"
+
+ALGOS = {  # key: (label, trainer flags, group size (samples per prompt), uses a separate critic LLM)
+    "sppo": ("SPPO (shared head)", ["--algo", "sppo"], 1, False),
+    "grpo4": ("GRPO G=4", ["--algo", "grpo", "--group-size", "4"], 4, False),
+    "grpo8": ("GRPO G=8", ["--algo", "grpo", "--group-size", "8"], 8, False),
+    "ppo": ("PPO (critic LLM, GAE)", ["--algo", "ppo"], 1, True),
+    "sppo_critic": ("SPPO (separate critic)", ["--algo", "sppo"], 1, True),
+}
+DEFAULT_ALGOS = "sppo,grpo4,grpo8,ppo,sppo_critic"
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# environment
+def _git(*cmd):
+    try:
+        out = subprocess.run(["git", *cmd], cwd=REPO, capture_output=True, text=True, timeout=10)
+        return out.stdout.strip() if out.returncode == 0 else None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def environment() -> dict:
+    import torch
+    import transformers
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    try:
+        usable = len(os.sched_getaffinity(0))
+    except AttributeError:
+        usable = os.cpu_count()
+    status = _git("status", "--porcelain")
+    return {"kind": "env", "cpu": cpu, "cpu_count": os.cpu_count(), "usable_cores": usable,
+            "load_avg_1m": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
+            "torch": torch.__version__, "transformers": transformers.__version__, "python": platform.python_version(),
+            "git_sha": _git("rev-parse", "--short", "HEAD"), "git_dirty": bool(status) if status is not None else None,
+            "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# one run (in a worker subprocess)
+def run_flags(spec: dict) -> list:
+    """Trainer flags of one run: the tiny demo preset's values, made explicit, then the run's own settings."""
+    algo = ALGOS[spec["algo"]]
+    G = algo[2]
+    flags = ["--steps", str(spec["steps"]), "--batch-size", str(spec["batch"] // G),
+             "--max-new-tokens", str(spec["max_new_tokens"]), "--lr", repr(spec["lr"]),
+             "--value-lr", repr(spec["value_lr"]), "--eval-every", str(spec["eval_every"]),
+             "--eval-size", str(spec["eval_size"]), "--eval-k", str(spec["eval_k"]), "--save-every", "0",
+             "--micro-batch-tokens", str(spec["micro_batch_tokens"]), "--seed", str(spec["seed"]),
+             "--threads", "1", "--no-progress", "--no-tensorboard", "--device", "cpu", *algo[1]]
+    if spec["model"]:
+        flags += ["--model", spec["model"]]
+    if spec["algo"] == "sppo_critic":
+        flags += ["--critic", spec["model_path"]]
+    return flags
+
+
+def worker(spec_path: str) -> int:
+    spec = json.loads(Path(spec_path).read_text())
+    from sppo_fast.cli import build_args
+    from sppo_fast.metrics import read_metrics
+    from sppo_fast.train import main
+
+    t0 = time.perf_counter()
+    args = build_args(run_flags(spec) + ["--out-dir", spec["runs_dir"], "--run-name", spec["key"]])
+    result = main(args)
+    wall = time.perf_counter() - t0
+    run_dir = Path(result["run_dir"])
+    rows = read_metrics(run_dir)
+    k = spec["eval_k"]
+    evals = [{"step": r["step"], "tokens": r["rollout/sampled_tokens"], "train_s": r["time/train_s"],
+              "pass1": r["eval/pass@1"], "avgk": r[f"eval/avg@{k}"], "response_len": r.get("eval/response_len"),
+              "value_pearson": _finite(r.get("eval/value_pearson")), "value_mean": r.get("eval/value_mean")}
+             for r in rows if "eval/pass@1" in r]
+    train = [r for r in rows if "losses/policy" in r]
+    last = train[-10:]
+    mean = lambda key, rs: _mean([r.get(key) for r in rs])
+    row = {"kind": "run", **{k2: v for k2, v in spec.items() if k2 not in ("runs_dir", "out_json")},
+           "evals": evals, "reward_curve": [round(r["reward/mean"], 4) for r in train],
+           "train_value_pearson_last10": mean("value/pearson", last), "train_reward_last10": mean("reward/mean", last),
+           "step_s_median": _median([r["perf/rollout_s"] + r["perf/reward_s"] + r["perf/update_s"] for r in train]),
+           "rollout_s_median": _median([r["perf/rollout_s"] for r in train]),
+           "update_s_median": _median([r["perf/update_s"] for r in train]),
+           "wall_s": wall, "final_tokens": evals[-1]["tokens"], "final_train_s": evals[-1]["train_s"],
+           "final_pass1": evals[-1]["pass1"], "final_avgk": evals[-1]["avgk"],
+           "final_value_pearson": evals[-1]["value_pearson"]}
+    row["score"] = (row["final_pass1"] + row["final_avgk"]) / 2
+    shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)  # keep metrics.jsonl, drop the weights
+    Path(spec["out_json"]).write_text(json.dumps(row))
+    return 0
+
+
+def _finite(x):
+    return x if isinstance(x, (int, float)) and math.isfinite(x) else None
+
+
+def _mean(xs):
+    xs = [x for x in xs if isinstance(x, (int, float)) and math.isfinite(x)]
+    return sum(xs) / len(xs) if xs else None
+
+
+def _median(xs):
+    xs = sorted(xs)
+    return (xs[(len(xs) - 1) // 2] + xs[len(xs) // 2]) / 2 if xs else None
+
+
+def _std(xs):
+    xs = [x for x in xs if x is not None]
+    if len(xs) < 2:
+        return 0.0 if xs else None
+    m = sum(xs) / len(xs)
+    return math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# the plan: sweep -> (edge extension) -> (critic lr) -> seeds, per algorithm, decided from finished runs
+class Planner:
+    def __init__(self, opts, preset, model_path):
+        self.o, self.preset, self.model_path = opts, preset, model_path
+
+    def spec(self, algo, lr_mult, critic_mult, seed):
+        o, p = self.o, self.preset
+        steps = o.steps * (o.grpo8_step_mult if algo == "grpo8" else 1)
+        eval_every = o.eval_every * (o.grpo8_eval_mult if algo == "grpo8" else 1)
+        lr = p["lr"] * lr_mult
+        critic = ALGOS[algo][3]
+        value_lr = lr * critic_mult if critic else p["value_lr"]
+        key = (f"{algo}__lr{lr:.3g}" + (f"_clr{value_lr:.3g}" if critic else "") +
+               f"__s{seed}__st{steps}_b{o.batch}_m{o.max_new_tokens}_e{o.eval_size}x{o.eval_k}_ee{eval_every}")
+        return {"key": key, "algo": algo, "label": ALGOS[algo][0], "group_size": ALGOS[algo][2],
+                "lr_mult": lr_mult, "critic_lr_mult": critic_mult if critic else None, "lr": lr, "value_lr": value_lr,
+                "seed": seed, "steps": steps, "batch": o.batch, "max_new_tokens": o.max_new_tokens or p["max_new_tokens"],
+                "eval_every": eval_every, "eval_size": o.eval_size, "eval_k": o.eval_k,
+                "micro_batch_tokens": p["micro_batch_tokens"], "model": o.model, "model_path": self.model_path}
+
+    def plan(self, algo, done):
+        """(specs needed so far, finished?) given `done` (key -> run row)."""
+        o = self.o
+        seed0 = o.seeds[0]
+        mults = list(o.lr_mults)
+        needed = [self.spec(algo, m, 1.0, seed0) for m in mults]
+        if not all(s["key"] in done for s in needed):
+            return needed, False
+        score = lambda m, c=1.0: done[self.spec(algo, m, c, seed0)["key"]]["score"]
+        for _ in range(o.extend_edges):
+            best = max(mults, key=score)
+            lo, hi = min(mults), max(mults)
+            if len(mults) < 2 or lo < best < hi:
+                break
+            new = lo / o.extend_factor if best == lo else hi * o.extend_factor
+            mults.append(new)
+            needed.append(self.spec(algo, new, 1.0, seed0))
+            if needed[-1]["key"] not in done:
+                return needed, False
+        best_m = max(mults, key=score)
+        configs = [(best_m, 1.0)]
+        if ALGOS[algo][3]:
+            for c in o.critic_lr_mults:
+                if c != 1.0:
+                    needed.append(self.spec(algo, best_m, c, seed0))
+                    configs.append((best_m, c))
+            if not all(s["key"] in done for s in needed):
+                return needed, False
+        best_cfg = max(configs, key=lambda mc: score(*mc))
+        needed += [self.spec(algo, *best_cfg, s) for s in o.seeds[1:]]
+        return needed, all(s["key"] in done for s in needed)
+
+    def best(self, algo, done):
+        """The specs of the chosen configuration, one per seed (after plan() says finished)."""
+        needed, _ = self.plan(algo, done)
+        last = needed[-len(self.o.seeds) + 1:] if len(self.o.seeds) > 1 else []
+        seed0 = self.o.seeds[0]
+        if last:
+            first = self.spec(algo, last[0]["lr_mult"], last[0]["critic_lr_mult"] or 1.0, seed0)
+        else:  # one seed: the best seed-0 run
+            first = max((s for s in needed if s["seed"] == seed0), key=lambda s: done[s["key"]]["score"])
+        return [first] + last
+
+
+def run_all(opts, planner, done, jsonl_path, work_dir):
+    """Run every planned spec, `workers` at a time, appending each finished row to the JSONL."""
+    running, failed = {}, {}
+    t_start = time.perf_counter()
+    while True:
+        for key, (proc, spec, t0, log) in list(running.items()):
+            if proc.poll() is None:
+                if time.perf_counter() - t0 > opts.run_timeout:
+                    proc.kill()
+                continue
+            del running[key]
+            log.close()
+            out_json = Path(spec["out_json"])
+            if proc.returncode == 0 and out_json.is_file():
+                row = json.loads(out_json.read_text())
+                done[key] = row
+                with open(jsonl_path, "a") as f:
+                    f.write(json.dumps(row) + "\n")
+                print(f"[{time.perf_counter() - t_start:6.0f}s] done {key}: pass@1 {row['final_pass1']:.3f} "
+                      f"avg@{opts.eval_k} {row['final_avgk']:.3f} ({row['wall_s']:.0f}s)", flush=True)
+            else:
+                tail = Path(log.name).read_text()[-3000:]
+                failed[key] = tail
+                print(f"FAILED {key} (exit {proc.returncode}); log tail:\n{tail}", flush=True)
+        todo = []
+        for algo in opts.algos:
+            needed, _ = planner.plan(algo, done)
+            todo += [s for s in needed if s["key"] not in done and s["key"] not in running and s["key"] not in failed]
+        if not running and not todo:
+            return failed  # everything planned is done (or blocked behind a failed run)
+        todo.sort(key=lambda s: -s["steps"])  # long runs first: better packing of the workers
+        while todo and len(running) < opts.workers:
+            spec = todo.pop(0)
+            spec = {**spec, "runs_dir": str(work_dir / "runs"), "out_json": str(work_dir / f"{spec['key']}.json")}
+            Path(spec["out_json"]).unlink(missing_ok=True)
+            spec_path = work_dir / f"{spec['key']}.spec.json"
+            spec_path.write_text(json.dumps(spec))
+            shutil.rmtree(work_dir / "runs" / spec["key"], ignore_errors=True)  # a crashed attempt: start over
+            log = open(work_dir / f"{spec['key']}.log", "w")
+            env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+            proc = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "--_worker", str(spec_path)],
+                                    cwd=work_dir, stdout=log, stderr=subprocess.STDOUT, env=env)
+            running[spec["key"]] = (proc, spec, time.perf_counter(), log)
+            print(f"[{time.perf_counter() - t_start:6.0f}s] start {spec['key']}", flush=True)
+        time.sleep(0.5)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# analysis
+def mean_curve(rows, x="tokens", y="pass1"):
+    """Seed-mean curve over the shared eval points: [(mean x, mean y, min y, max y)]."""
+    n = min(len(r["evals"]) for r in rows)
+    out = []
+    for i in range(n):
+        xs = [r["evals"][i][x] for r in rows]
+        ys = [r["evals"][i][y] for r in rows]
+        out.append((sum(xs) / len(xs), sum(ys) / len(ys), min(ys), max(ys)))
+    return out
+
+
+def interp(curve, x0):
+    """y of a (x, y, ...) curve at x0 (linear between points; None beyond its end)."""
+    for (xa, ya, *_), (xb, yb, *_) in zip(curve, curve[1:]):
+        if xa <= x0 <= xb:
+            return ya if xb == xa else ya + (yb - ya) * (x0 - xa) / (xb - xa)
+    if curve and abs(curve[-1][0] - x0) <= 1e-9 * max(1.0, abs(x0)):
+        return curve[-1][1]
+    return None
+
+
+def first_reach(curve, threshold):
+    """x at which the curve first reaches threshold (linear between eval points); None if never."""
+    if curve and curve[0][1] >= threshold:
+        return curve[0][0]
+    for (xa, ya, *_), (xb, yb, *_) in zip(curve, curve[1:]):
+        if ya < threshold <= yb:
+            return xa + (xb - xa) * (threshold - ya) / (yb - ya)
+    return None
+
+
+def summarize(opts, planner, done):
+    best = {a: [done[s["key"]] for s in planner.best(a, done)] for a in opts.algos}
+    summ = {}
+    for a, rows in best.items():
+        fp = [r["final_pass1"] for r in rows]
+        fk = [r["final_avgk"] for r in rows]
+        summ[a] = {"kind": "summary", "algo": a, "label": ALGOS[a][0], "seeds": [r["seed"] for r in rows],
+                   "lr": rows[0]["lr"], "lr_mult": rows[0]["lr_mult"], "value_lr": rows[0]["value_lr"],
+                   "critic_lr_mult": rows[0]["critic_lr_mult"], "steps": rows[0]["steps"],
+                   "prompts_per_step": rows[0]["batch"] // rows[0]["group_size"],
+                   "samples_per_step": rows[0]["batch"],
+                   "start_pass1": _mean([r["evals"][0]["pass1"] for r in rows]),
+                   "start_avgk": _mean([r["evals"][0]["avgk"] for r in rows]),
+                   "final_pass1": _mean(fp), "final_pass1_std": _std(fp),
+                   "final_avgk": _mean(fk), "final_avgk_std": _std(fk),
+                   "final_tokens": _mean([r["final_tokens"] for r in rows]),
+                   "final_train_s": _mean([r["final_train_s"] for r in rows]),
+                   "step_s": _mean([r["step_s_median"] for r in rows]),
+                   "eval_value_pearson": _mean([r["final_value_pearson"] for r in rows]),
+                   "train_value_pearson": _mean([r["train_value_pearson_last10"] for r in rows]),
+                   "runs": [r["key"] for r in rows]}
+    # accuracy at equal sampled tokens: the smallest final budget among the algorithms
+    t_eq = min(s["final_tokens"] for s in summ.values())
+    ref = "grpo8" if "grpo8" in summ else None
+    for a, rows in best.items():
+        s = summ[a]
+        s["equal_tokens"] = t_eq
+        for y in ("pass1", "avgk"):
+            s[f"{y}_at_equal_tokens"] = _mean([interp(mean_curve([r], "tokens", y), t_eq) for r in rows])
+            if ref:
+                thr = summ[ref][f"final_{y}"] - opts.margin
+                s[f"threshold_{y}"] = thr
+                s[f"tokens_to_threshold_{y}"] = first_reach(mean_curve(rows, "tokens", y), thr)
+                s[f"train_s_to_threshold_{y}"] = first_reach(mean_curve(rows, "train_s", y), thr)
+    verdict = None
+    if "sppo" in summ and ref:
+        s, g = summ["sppo"], summ[ref]
+        verdict = {"kind": "verdict", "reference": ref, "margin": opts.margin,
+                   "grpo8_final_tokens": g["final_tokens"], "max_tokens": g["final_tokens"] / 4}
+        for y in ("pass1", "avgk"):
+            t = s[f"tokens_to_threshold_{y}"]
+            verdict[f"sppo_tokens_to_threshold_{y}"] = t
+            verdict[f"sppo_token_fraction_{y}"] = t / g["final_tokens"] if t is not None else None
+            verdict[f"met_{y}"] = t is not None and t <= g["final_tokens"] / 4
+        if "ppo" in summ:
+            p = summ["ppo"]
+            for y in ("pass1", "avgk"):
+                verdict[f"beats_ppo_{y}"] = s[f"final_{y}"] > p[f"final_{y}"]
+    return summ, verdict, best
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# report
+def fmt(x, f=".3f", none="-"):
+    if x is None or (isinstance(x, float) and not math.isfinite(x)):
+        return none
+    return format(x, f)
+
+
+def pct(x, sd=None):
+    if x is None:
+        return "-"
+    return f"{100 * x:.1f}" + (f" ± {100 * sd:.1f}" if sd is not None else "")
+
+
+def write_markdown(path, opts, env, preset, done, summ, verdict, png_name, failed, total_wall):
+    k = opts.eval_k
+    L = []
+    L.append(f"# Learning efficiency on CPU — {env['timestamp'][:10]}\n")
+    L.append(f"Machine: {env['cpu']}, {env['usable_cores']} usable cores (shared with other jobs; 1-min load "
+             f"{fmt(env['load_avg_1m'], '.1f')} at start), torch {env['torch']}, transformers {env['transformers']}, "
+             f"git {env['git_sha']}{' (dirty tree)' if env['git_dirty'] else ''}. {len(done)} runs, {opts.workers} at a "
+             f"time, 1 torch thread each; this invocation took {total_wall / 60:.1f} min of wall-clock (runs already "
+             f"cached from an earlier invocation are not included).\n")
+    L.append(f"Task: embedded tiny model ({opts.model or 'sppo_fast/assets/tiny'}), synthetic addition chains, "
+             f"held-out set of {opts.eval_size} prompts. Every algorithm samples {opts.batch} responses per step; "
+             f"{opts.steps} steps (GRPO G=8: {opts.steps * opts.grpo8_step_mult}); max {opts.max_new_tokens or preset['max_new_tokens']} "
+             f"new tokens, temperature 0.6. pass@1 = greedy accuracy, avg@{k} = mean accuracy of {k} samples per "
+             f"prompt at T=0.6. Policy lr sweep: preset lr {preset['lr']:g} × {{{', '.join(f'{m:g}' for m in opts.lr_mults)}}} "
+             f"(extended once past an edge when the best is at the edge), seed {opts.seeds[0]}; critic-LLM algorithms "
+             f"also try critic lr = lr × {{{', '.join(f'{m:g}' for m in opts.critic_lr_mults)}}}; selection by final "
+             f"(pass@1 + avg@{k})/2; the chosen configuration runs seeds {', '.join(map(str, opts.seeds))}. "
+             f"SPPO's shared value head: value_lr {preset['value_lr']:g} (preset).\n")
+    L.append(f"![learning curves]({png_name})\n")
+    L.append("## Results at each algorithm's best learning rate (mean ± sd over seeds)\n")
+    hdr = ["algorithm", "lr", "critic lr", "prompts×samples/step", "steps", f"pass@1 start→final %",
+           f"avg@{k} start→final %", "sampled tokens", "train s", f"pass@1 @ {fmt(next(iter(summ.values()))['equal_tokens'], '.0f')} tok %",
+           f"avg@{k} @ equal tok %", "tokens to pass@1 thr", "tokens to avg@k thr", "train s to pass@1 thr",
+           "V–R pearson (eval / train)"]
+    L.append("| " + " | ".join(hdr) + " |")
+    L.append("|" + "---|" * len(hdr))
+    for a, s in summ.items():
+        G = ALGOS[a][2]
+        L.append("| " + " | ".join([
+            s["label"], f"{s['lr']:.3g}", f"{s['value_lr']:.3g}" if ALGOS[a][3] else f"(head {s['value_lr']:g})" if a.startswith("sppo") else "-",
+            f"{s['prompts_per_step']}×{G}", str(s["steps"]),
+            f"{pct(s['start_pass1'])} → {pct(s['final_pass1'], s['final_pass1_std'])}",
+            f"{pct(s['start_avgk'])} → {pct(s['final_avgk'], s['final_avgk_std'])}",
+            fmt(s["final_tokens"], ",.0f"), fmt(s["final_train_s"], ".0f"),
+            pct(s["pass1_at_equal_tokens"]), pct(s["avgk_at_equal_tokens"]),
+            fmt(s.get("tokens_to_threshold_pass1"), ",.0f", "not reached"),
+            fmt(s.get("tokens_to_threshold_avgk"), ",.0f", "not reached"),
+            fmt(s.get("train_s_to_threshold_pass1"), ".0f", "not reached"),
+            f"{fmt(s['eval_value_pearson'], '.2f')} / {fmt(s['train_value_pearson'], '.2f')}"]) + " |")
+    L.append("")
+    if "grpo8" in summ:
+        g = summ["grpo8"]
+        L.append(f"Thresholds: GRPO G=8's final accuracy minus {100 * opts.margin:.0f} points: pass@1 "
+                 f"{pct(g['threshold_pass1'])} %, avg@{k} {pct(g['threshold_avgk'])} %. \"tokens to thr\": sampled "
+                 f"tokens at which the seed-mean curve first reaches it (linear between eval points).\n")
+    L.append("Columns: *lr* policy learning rate; *critic lr* the critic LLM's (+ its head's) rate, or SPPO's shared "
+             "head's; *sampled tokens* cumulative response tokens at the end; *train s* cumulative training seconds "
+             "(rollout + reward + update, evaluation excluded; CPU shared with other jobs, so only roughly "
+             "comparable); *@ equal tok* accuracy interpolated at the smallest final token budget among the "
+             "algorithms; *V–R pearson* Pearson correlation of the critic's V(prompt) with the reward: eval = "
+             "final held-out eval (greedy-prompt V against the k sampled rewards), train = mean of the last 10 "
+             "training steps.\n")
+    if verdict:
+        L.append("## Verdict on the target\n")
+        L.append("Target: SPPO reaches GRPO(G=8)'s final accuracy within "
+                 f"{100 * opts.margin:.0f} points using ≤ 1/4 of its sampled tokens, and beats PPO.\n")
+        for y, name in (("pass1", "greedy pass@1"), ("avgk", f"avg@{k}")):
+            t, fr = verdict[f"sppo_tokens_to_threshold_{y}"], verdict[f"sppo_token_fraction_{y}"]
+            L.append(f"- {name}: SPPO {'reaches' if t is not None else 'does not reach'} the threshold"
+                     + (f" at {t:,.0f} tokens = {fr:.2f} of GRPO G=8's {verdict['grpo8_final_tokens']:,.0f}" if t else "")
+                     + f" → **{'met' if verdict[f'met_{y}'] else 'not met'}**.")
+        if "beats_ppo_pass1" in verdict:
+            L.append(f"- vs PPO (final, mean over seeds): pass@1 {'beats' if verdict['beats_ppo_pass1'] else 'does not beat'} PPO, "
+                     f"avg@{k} {'beats' if verdict['beats_ppo_avgk'] else 'does not beat'} PPO.")
+        L.append("")
+    L.append("## Learning-rate sweep (seed %d, final eval)\n" % opts.seeds[0])
+    L.append(f"| algorithm | lr | critic lr | pass@1 % | avg@{k} % | score | train s |")
+    L.append("|---|---|---|---|---|---|---|")
+    for a in opts.algos:
+        rows = sorted((r for r in done.values() if r["algo"] == a and r["seed"] == opts.seeds[0]),
+                      key=lambda r: (r["lr"], r["value_lr"]))
+        for r in rows:
+            clr = "-" if ALGOS[a][2] > 1 else f"{r['value_lr']:.3g}" + ("" if ALGOS[a][3] else " (head)")
+            L.append(f"| {r['label']} | {r['lr']:.3g} | {clr} | {pct(r['final_pass1'])} | "
+                     f"{pct(r['final_avgk'])} | {100 * r['score']:.1f} | {r['final_train_s']:.0f} |")
+    L.append("")
+    L.append("## Every run\n")
+    L.append(f"| run | pass@1 % | avg@{k} % | tokens | train s | wall s |")
+    L.append("|---|---|---|---|---|---|")
+    for r in sorted(done.values(), key=lambda r: r["key"]):
+        L.append(f"| {r['key']} | {pct(r['final_pass1'])} | {pct(r['final_avgk'])} | {r['final_tokens']:,.0f} | "
+                 f"{r['final_train_s']:.0f} | {r['wall_s']:.0f} |")
+    if failed:
+        L.append("\nFailed runs: " + ", ".join(failed))
+    Path(path).write_text("\n".join(L) + "\n")
+
+
+def plot(path, opts, summ, best, done):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    k = opts.eval_k
+    fig, axes = plt.subplots(2, 3, figsize=(16, 8.5))
+    colors = {"sppo": "C0", "grpo4": "C1", "grpo8": "C2", "ppo": "C3", "sppo_critic": "C4"}
+    for i, (y, yname) in enumerate((("pass1", "greedy pass@1"), ("avgk", f"avg@{k}"))):
+        for j, (x, xname) in enumerate((("tokens", "sampled tokens"), ("train_s", "training seconds (eval excluded)"))):
+            ax = axes[i, j]
+            for a, rows in best.items():
+                c = mean_curve(rows, x, y)
+                xs = [p[0] for p in c]
+                ax.plot(xs, [p[1] for p in c], color=colors.get(a), marker="o", markersize=3,
+                        label=f"{ALGOS[a][0]} (lr {summ[a]['lr']:.2g}, n={len(rows)})")
+                ax.fill_between(xs, [p[2] for p in c], [p[3] for p in c], color=colors.get(a), alpha=0.15)
+            if "grpo8" in summ and x == "tokens":
+                ax.axhline(summ["grpo8"][f"threshold_{y}"], color="gray", ls=":", lw=1)
+                ax.axvline(summ["grpo8"]["final_tokens"] / 4, color="gray", ls="--", lw=1)
+            ax.set_xlabel(xname)
+            ax.set_ylabel(yname)
+            ax.grid(alpha=0.3)
+        axes[i, 0].legend(fontsize=7)
+    ax = axes[0, 2]
+    for a in opts.algos:
+        rows = sorted((r for r in done.values() if r["algo"] == a and r["seed"] == opts.seeds[0]
+                       and (r["critic_lr_mult"] in (None, 1.0))), key=lambda r: r["lr"])
+        ax.plot([r["lr"] for r in rows], [r["score"] for r in rows], color=colors.get(a), marker="o", label=ALGOS[a][0])
+    ax.set_xscale("log")
+    ax.set_xlabel("policy lr (seed %d)" % opts.seeds[0])
+    ax.set_ylabel(f"final (pass@1 + avg@{k}) / 2")
+    ax.set_title("learning-rate sweep", fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    ax = axes[1, 2]
+    for a, rows in best.items():
+        for n, r in enumerate(rows):
+            curve = r["reward_curve"]
+            xs = [(t + 1) * opts.batch for t in range(len(curve))]
+            smooth = [sum(curve[max(0, t - 4):t + 1]) / len(curve[max(0, t - 4):t + 1]) for t in range(len(curve))]
+            ax.plot(xs, smooth, color=colors.get(a), alpha=0.6, lw=1, label=ALGOS[a][0] if n == 0 else None)
+    ax.set_xlabel("samples drawn")
+    ax.set_ylabel("training reward (5-step mean)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.suptitle("SPPO vs GRPO vs PPO on the tiny model (seed-mean, band = min..max over seeds); dotted: GRPO G=8 "
+                 f"final − {100 * opts.margin:.0f} pts, dashed: 1/4 of GRPO G=8's tokens", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+def parse(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    ap.add_argument("--quick", action="store_true", help="CI smoke test: 1 seed, 2 steps, batch 8, eval 8 prompts, "
+                                                         "sppo + grpo4, no sweep; writes to a temp dir")
+    ap.add_argument("--model", default="", help="model dir (default: the embedded tiny model); the tiny preset's "
+                                                "hyperparameters are used either way")
+    ap.add_argument("--algos", default=DEFAULT_ALGOS, help=f"comma list of {', '.join(ALGOS)}")
+    ap.add_argument("--seeds", default="0,1,2")
+    ap.add_argument("--lr-mults", default="0.3,1,3", help="policy lr sweep, multiples of the preset lr")
+    ap.add_argument("--critic-lr-mults", default="1,10", help="critic-LLM lr, multiples of the policy lr (PPO, "
+                                                               "SPPO --critic), tried at the best policy lr")
+    ap.add_argument("--extend-edges", type=int, default=1, help="times the sweep may extend past an edge")
+    ap.add_argument("--extend-factor", type=float, default=3.0)
+    ap.add_argument("--steps", type=int, default=0, help="steps per run (default: the preset's)")
+    ap.add_argument("--grpo8-step-mult", type=int, default=4, help="GRPO G=8 runs this many times the steps")
+    ap.add_argument("--batch", type=int, default=0, help="samples per step (default: the preset's batch_size)")
+    ap.add_argument("--max-new-tokens", type=int, default=0, help="default: the preset's")
+    ap.add_argument("--eval-every", type=int, default=10)
+    ap.add_argument("--grpo8-eval-mult", type=int, default=2, help="GRPO G=8 evaluates every eval_every x this")
+    ap.add_argument("--eval-size", type=int, default=0, help="held-out prompts (default: the preset's)")
+    ap.add_argument("--eval-k", type=int, default=0, help="avg@k samples (default: the preset's)")
+    ap.add_argument("--margin", type=float, default=0.02, help="target: within this of GRPO G=8's final accuracy")
+    ap.add_argument("--workers", type=int, default=2, help="runs in parallel (1 torch thread each)")
+    ap.add_argument("--run-timeout", type=float, default=1800, help="seconds before a run is killed")
+    ap.add_argument("--out", default="", help="output prefix (default bench/results/learning-cpu-<date>; "
+                                              "--quick: a temp dir)")
+    ap.add_argument("--work-dir", default="", help="run directories and logs (default: a dir beside the temp dir)")
+    ap.add_argument("--_worker", default=None, help=argparse.SUPPRESS)
+    o = ap.parse_args(argv)
+    if o.quick:
+        o.seeds, o.steps, o.batch, o.eval_size, o.eval_k, o.eval_every = "0", 2, 8, 8, 2, 0
+        o.lr_mults, o.critic_lr_mults, o.extend_edges, o.grpo8_step_mult = "1", "1", 0, 1
+        o.max_new_tokens = o.max_new_tokens or 24
+        if o.algos == DEFAULT_ALGOS:
+            o.algos = "sppo,grpo4"
+    o.algos = [a.strip() for a in o.algos.split(",") if a.strip()]
+    bad = [a for a in o.algos if a not in ALGOS]
+    if bad:
+        ap.error(f"unknown algorithm(s) {bad}; choose from {list(ALGOS)}")
+    if o.quick and len(o.algos) > 2:
+        ap.error("--quick runs at most 2 algorithms")
+    o.seeds = [int(s) for s in str(o.seeds).split(",")]
+    o.lr_mults = [float(m) for m in str(o.lr_mults).split(",")]
+    o.critic_lr_mults = [float(m) for m in str(o.critic_lr_mults).split(",")]
+    return o
+
+
+def main(argv=None) -> int:
+    o = parse(argv)
+    if o._worker:
+        return worker(o._worker)
+    from sppo_fast.cli import PRESETS, load_yaml
+    from sppo_fast.tiny import default_model_path
+    from sppo_fast.train import Args
+
+    preset = {**{f: getattr(Args(), f) for f in ("lr", "value_lr", "batch_size", "steps", "max_new_tokens",
+                                                  "eval_size", "eval_k", "micro_batch_tokens")},
+              **load_yaml(PRESETS / "tiny.yaml", Args)}
+    o.steps = o.steps or preset["steps"]
+    o.batch = o.batch or preset["batch_size"]
+    o.eval_size = o.eval_size or preset["eval_size"]
+    o.eval_k = o.eval_k or preset["eval_k"]
+    o.max_new_tokens = o.max_new_tokens or preset["max_new_tokens"]
+    for a in o.algos:
+        if o.batch % ALGOS[a][2]:
+            raise SystemExit(f"--batch {o.batch} is not a multiple of {a}'s group size {ALGOS[a][2]}")
+    model_path = str(Path(o.model).resolve()) if o.model else default_model_path()
+    if o.model:
+        o.model = model_path
+    if not (Path(model_path) / "config.json").is_file():
+        raise SystemExit(f"no model at {model_path} (the embedded tiny model is built by `python -m sppo_fast.tiny`)")
+    date = datetime.date.today().isoformat()
+    if o.quick:
+        prefix = Path(o.out) if o.out else Path(tempfile.mkdtemp(prefix="sppo_bench_learning_quick-")) / f"learning-cpu-{date}"
+        if RESULTS.resolve() in prefix.resolve().parents:
+            raise SystemExit("--quick never writes to bench/results (its numbers are a smoke test, not figures)")
+    else:
+        prefix = Path(o.out) if o.out else RESULTS / f"learning-cpu-{date}"
+    prefix.parent.mkdir(parents=True, exist_ok=True)
+    jsonl, md, png = (prefix.with_name(prefix.name + ext) for ext in (".jsonl", ".md", ".png"))
+    work_dir = Path(o.work_dir) if o.work_dir else (
+        prefix.parent / (prefix.name + "-work") if o.quick else Path(tempfile.gettempdir()) / f"sppo_bench_{prefix.name}")
+    work_dir.mkdir(parents=True, exist_ok=True)
+    work_dir = work_dir.resolve()
+
+    planner = Planner(o, preset, model_path)
+    done = {}
+    if jsonl.is_file():  # resume: every finished run of the same configuration is reused
+        for line in jsonl.read_text().splitlines():
+            row = json.loads(line) if line.strip() else {}
+            if row.get("kind") == "run" and row.get("model_path") == model_path:
+                done[row["key"]] = row
+        print(f"resuming: {len(done)} finished runs in {jsonl}")
+    env = environment()
+    t0 = time.perf_counter()
+    failed = run_all(o, planner, done, jsonl, work_dir)
+    total = time.perf_counter() - t0
+    if failed:
+        print(f"{len(failed)} run(s) failed: {list(failed)}; rerun the same command to retry them", file=sys.stderr)
+        return 1
+    summ, verdict, best = summarize(o, planner, done)
+    env["wall_s_this_invocation"] = round(total, 1)
+    env["wall_s_all_runs"] = round(sum(r["wall_s"] for r in done.values()), 1)  # process seconds (not wall)
+    # rewrite the JSONL: env, every run, summaries, verdict
+    with open(jsonl, "w") as f:
+        f.write(json.dumps({**env, "settings": {k: v for k, v in vars(o).items() if not k.startswith("_")},
+                            "preset": preset, "model_path": model_path}) + "\n")
+        for r in sorted(done.values(), key=lambda r: r["key"]):
+            f.write(json.dumps(r) + "\n")
+        for s in summ.values():
+            f.write(json.dumps(s) + "\n")
+        if verdict:
+            f.write(json.dumps(verdict) + "\n")
+    plot(png, o, summ, best, done)
+    write_markdown(md, o, env, preset, done, summ, verdict, png.name, failed, total)
+    print(Path(md).read_text())
+    print(f"wrote {jsonl}\n      {md}\n      {png}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
