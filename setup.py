@@ -35,7 +35,9 @@ setup(
         "lora": ["peft>=0.13"],
         # SPPO mode and the fused GRPOTrainer override TRL internals, so the major version is pinned
         "trl": ["trl>=1.16,<2"],
-        "test": ["pytest>=8", "liger-kernel>=0.5", "trl>=1.16,<2", "peft>=0.13"],
+        # --memory-budget's bf16 stochastic-rounding / 8-bit AdamW and CPU offload (tested with torchao 0.18)
+        "memory": ["torchao>=0.18"],
+        "test": ["pytest>=8", "liger-kernel>=0.5", "trl>=1.16,<2", "peft>=0.13", "torchao>=0.18"],
         "bench": ["liger-kernel>=0.5", "cut-cross-entropy>=25.1"],
     },
     entry_points={"console_scripts": ["sppo-fast=sppo_fast.cli:main"]},

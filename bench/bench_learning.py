@@ -134,6 +134,14 @@ def worker(spec_path: str) -> int:
     return 0
 
 
+def _sha256(path):
+    import hashlib
+    try:
+        return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
+    except OSError:
+        return None
+
+
 def _finite(x):
     return x if isinstance(x, (int, float)) and math.isfinite(x) else None
 
@@ -162,17 +170,16 @@ class Planner:
     def __init__(self, opts, preset, model_path):
         self.o, self.preset, self.model_path = opts, preset, model_path
 
-    def spec(self, algo, lr_mult, critic_mult, seed):
+    def spec(self, algo, lr, critic_mult, seed):
         o, p = self.o, self.preset
         steps = o.steps * (o.grpo8_step_mult if algo == "grpo8" else 1)
         eval_every = o.eval_every * (o.grpo8_eval_mult if algo == "grpo8" else 1)
-        lr = p["lr"] * lr_mult
         critic = ALGOS[algo][3]
         value_lr = lr * critic_mult if critic else p["value_lr"]
         key = (f"{algo}__lr{lr:.3g}" + (f"_clr{value_lr:.3g}" if critic else "") +
                f"__s{seed}__st{steps}_b{o.batch}_m{o.max_new_tokens}_e{o.eval_size}x{o.eval_k}_ee{eval_every}")
         return {"key": key, "algo": algo, "label": ALGOS[algo][0], "group_size": ALGOS[algo][2],
-                "lr_mult": lr_mult, "critic_lr_mult": critic_mult if critic else None, "lr": lr, "value_lr": value_lr,
+                "lr_mult": lr / p["lr"], "critic_lr_mult": critic_mult if critic else None, "lr": lr, "value_lr": value_lr,
                 "seed": seed, "steps": steps, "batch": o.batch, "max_new_tokens": o.max_new_tokens or p["max_new_tokens"],
                 "eval_every": eval_every, "eval_size": o.eval_size, "eval_k": o.eval_k,
                 "micro_batch_tokens": p["micro_batch_tokens"], "model": o.model, "model_path": self.model_path}
@@ -181,7 +188,7 @@ class Planner:
         """(specs needed so far, finished?) given `done` (key -> run row)."""
         o = self.o
         seed0 = o.seeds[0]
-        mults = list(o.lr_mults)
+        mults = list(o.lrs)
         needed = [self.spec(algo, m, 1.0, seed0) for m in mults]
         if not all(s["key"] in done for s in needed):
             return needed, False
@@ -215,7 +222,7 @@ class Planner:
         last = needed[-len(self.o.seeds) + 1:] if len(self.o.seeds) > 1 else []
         seed0 = self.o.seeds[0]
         if last:
-            first = self.spec(algo, last[0]["lr_mult"], last[0]["critic_lr_mult"] or 1.0, seed0)
+            first = self.spec(algo, last[0]["lr"], last[0]["critic_lr_mult"] or 1.0, seed0)
         else:  # one seed: the best seed-0 run
             first = max((s for s in needed if s["seed"] == seed0), key=lambda s: done[s["key"]]["score"])
         return [first] + last
@@ -379,7 +386,7 @@ def write_markdown(path, opts, env, preset, done, summ, verdict, png_name, faile
              f"held-out set of {opts.eval_size} prompts. Every algorithm samples {opts.batch} responses per step; "
              f"{opts.steps} steps (GRPO G=8: {opts.steps * opts.grpo8_step_mult}); max {opts.max_new_tokens or preset['max_new_tokens']} "
              f"new tokens, temperature 0.6. pass@1 = greedy accuracy, avg@{k} = mean accuracy of {k} samples per "
-             f"prompt at T=0.6. Policy lr sweep: preset lr {preset['lr']:g} × {{{', '.join(f'{m:g}' for m in opts.lr_mults)}}} "
+             f"prompt at T=0.6. Policy lr sweep: {{{', '.join(f'{m:g}' for m in opts.lrs)}}} (the demo preset's lr is {preset['lr']:g}) "
              f"(extended once past an edge when the best is at the edge), seed {opts.seeds[0]}; critic-LLM algorithms "
              f"also try critic lr = lr × {{{', '.join(f'{m:g}' for m in opts.critic_lr_mults)}}}; selection by final "
              f"(pass@1 + avg@{k})/2; the chosen configuration runs seeds {', '.join(map(str, opts.seeds))}. "
@@ -425,7 +432,7 @@ def write_markdown(path, opts, env, preset, done, summ, verdict, png_name, faile
         for y, name in (("pass1", "greedy pass@1"), ("avgk", f"avg@{k}")):
             t, fr = verdict[f"sppo_tokens_to_threshold_{y}"], verdict[f"sppo_token_fraction_{y}"]
             L.append(f"- {name}: SPPO {'reaches' if t is not None else 'does not reach'} the threshold"
-                     + (f" at {t:,.0f} tokens = {fr:.2f} of GRPO G=8's {verdict['grpo8_final_tokens']:,.0f}" if t else "")
+                     + (f" at {t:,.0f} tokens = {fr:.2f} of GRPO G=8's {verdict['grpo8_final_tokens']:,.0f}" if t is not None else "")
                      + f" → **{'met' if verdict[f'met_{y}'] else 'not met'}**.")
         if "beats_ppo_pass1" in verdict:
             L.append(f"- vs PPO (final, mean over seeds): pass@1 {'beats' if verdict['beats_ppo_pass1'] else 'does not beat'} PPO, "
@@ -516,7 +523,9 @@ def parse(argv=None):
                                                 "hyperparameters are used either way")
     ap.add_argument("--algos", default=DEFAULT_ALGOS, help=f"comma list of {', '.join(ALGOS)}")
     ap.add_argument("--seeds", default="0,1,2")
-    ap.add_argument("--lr-mults", default="0.3,1,3", help="policy lr sweep, multiples of the preset lr")
+    ap.add_argument("--lrs", default="3e-5,1e-4,3e-4", help="policy lr sweep (absolute values; the same for every "
+                                                             "algorithm)")
+    ap.add_argument("--lr-mults", default="", help="policy lr sweep as multiples of the preset lr (overrides --lrs)")
     ap.add_argument("--critic-lr-mults", default="1,10", help="critic-LLM lr, multiples of the policy lr (PPO, "
                                                                "SPPO --critic), tried at the best policy lr")
     ap.add_argument("--extend-edges", type=int, default=1, help="times the sweep may extend past an edge")
@@ -525,7 +534,7 @@ def parse(argv=None):
     ap.add_argument("--grpo8-step-mult", type=int, default=4, help="GRPO G=8 runs this many times the steps")
     ap.add_argument("--batch", type=int, default=0, help="samples per step (default: the preset's batch_size)")
     ap.add_argument("--max-new-tokens", type=int, default=0, help="default: the preset's")
-    ap.add_argument("--eval-every", type=int, default=10)
+    ap.add_argument("--eval-every", type=int, default=15)
     ap.add_argument("--grpo8-eval-mult", type=int, default=2, help="GRPO G=8 evaluates every eval_every x this")
     ap.add_argument("--eval-size", type=int, default=0, help="held-out prompts (default: the preset's)")
     ap.add_argument("--eval-k", type=int, default=0, help="avg@k samples (default: the preset's)")
@@ -539,7 +548,7 @@ def parse(argv=None):
     o = ap.parse_args(argv)
     if o.quick:
         o.seeds, o.steps, o.batch, o.eval_size, o.eval_k, o.eval_every = "0", 2, 8, 8, 2, 0
-        o.lr_mults, o.critic_lr_mults, o.extend_edges, o.grpo8_step_mult = "1", "1", 0, 1
+        o.lrs, o.lr_mults, o.critic_lr_mults, o.extend_edges, o.grpo8_step_mult = "1e-4", "", "1", 0, 1
         o.max_new_tokens = o.max_new_tokens or 24
         if o.algos == DEFAULT_ALGOS:
             o.algos = "sppo,grpo4"
@@ -550,7 +559,8 @@ def parse(argv=None):
     if o.quick and len(o.algos) > 2:
         ap.error("--quick runs at most 2 algorithms")
     o.seeds = [int(s) for s in str(o.seeds).split(",")]
-    o.lr_mults = [float(m) for m in str(o.lr_mults).split(",")]
+    o.lrs = [float(m) for m in str(o.lrs).split(",")]
+    o.lr_mults = [float(m) for m in str(o.lr_mults).split(",")] if o.lr_mults else []
     o.critic_lr_mults = [float(m) for m in str(o.critic_lr_mults).split(",")]
     return o
 
@@ -566,6 +576,8 @@ def main(argv=None) -> int:
     preset = {**{f: getattr(Args(), f) for f in ("lr", "value_lr", "batch_size", "steps", "max_new_tokens",
                                                   "eval_size", "eval_k", "micro_batch_tokens")},
               **load_yaml(PRESETS / "tiny.yaml", Args)}
+    if o.lr_mults:
+        o.lrs = [preset["lr"] * m for m in o.lr_mults]
     o.steps = o.steps or preset["steps"]
     o.batch = o.batch or preset["batch_size"]
     o.eval_size = o.eval_size or preset["eval_size"]
@@ -574,11 +586,6 @@ def main(argv=None) -> int:
     for a in o.algos:
         if o.batch % ALGOS[a][2]:
             raise SystemExit(f"--batch {o.batch} is not a multiple of {a}'s group size {ALGOS[a][2]}")
-    model_path = str(Path(o.model).resolve()) if o.model else default_model_path()
-    if o.model:
-        o.model = model_path
-    if not (Path(model_path) / "config.json").is_file():
-        raise SystemExit(f"no model at {model_path} (the embedded tiny model is built by `python -m sppo_fast.tiny`)")
     date = datetime.date.today().isoformat()
     if o.quick:
         prefix = Path(o.out) if o.out else Path(tempfile.mkdtemp(prefix="sppo_bench_learning_quick-")) / f"learning-cpu-{date}"
@@ -586,6 +593,11 @@ def main(argv=None) -> int:
             raise SystemExit("--quick never writes to bench/results (its numbers are a smoke test, not figures)")
     else:
         prefix = Path(o.out) if o.out else RESULTS / f"learning-cpu-{date}"
+    model_path = str(Path(o.model).resolve()) if o.model else default_model_path()
+    if o.model:
+        o.model = model_path
+    if not (Path(model_path) / "config.json").is_file():
+        raise SystemExit(f"no model at {model_path} (the embedded tiny model is built by `python -m sppo_fast.tiny`)")
     prefix.parent.mkdir(parents=True, exist_ok=True)
     jsonl, md, png = (prefix.with_name(prefix.name + ext) for ext in (".jsonl", ".md", ".png"))
     work_dir = Path(o.work_dir) if o.work_dir else (
@@ -602,6 +614,8 @@ def main(argv=None) -> int:
                 done[row["key"]] = row
         print(f"resuming: {len(done)} finished runs in {jsonl}")
     env = environment()
+    env["model_path"] = model_path
+    env["model_sha256"] = _sha256(Path(model_path) / "model.safetensors")
     t0 = time.perf_counter()
     failed = run_all(o, planner, done, jsonl, work_dir)
     total = time.perf_counter() - t0

@@ -18,6 +18,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from sppo_fast import distributed
+
 STEP_DIR = re.compile(r"^step_(\d+)$")
 
 
@@ -62,21 +64,29 @@ def set_rng_state(tensors: dict, meta: dict) -> None:
 def save(run_dir, step: int, *, policy, tokenizer, value_head, optimizer, scheduler, sampler_state: dict,
          extra: dict, keep_last: int = 3, critic=None) -> Path:
     """Write checkpoint `step` atomically and prune older ones beyond `keep_last`. Returns its directory."""
+    for name, module in (("policy", policy), ("critic", critic), ("value head", value_head)):
+        if module is not None and not all(torch.isfinite(p).all() for p in module.parameters()):
+            raise FloatingPointError(f"refusing to save checkpoint step {step}: the {name} has NaN/inf weights")
     root = Path(run_dir) / "checkpoints"
     final = root / f"step_{step:06d}"
     tmp = root / f"step_{step:06d}.tmp"
+    # torchrun + FSDP: every rank gathers full tensors (collectives), rank 0 alone writes the single-process layout
+    full = distributed.gather_for_checkpoint(policy=policy, critic=critic, value_head=value_head, optimizer=optimizer)
+    if not distributed.is_main():
+        distributed.barrier()  # returns once rank 0 has renamed the checkpoint into place
+        return final
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    policy.save_pretrained(tmp / "policy", safe_serialization=True)
+    policy.save_pretrained(tmp / "policy", state_dict=full["policy"], safe_serialization=True)
     tokenizer.save_pretrained(tmp / "policy")
     if critic is not None:  # a separate critic LLM (PPO, or SPPO with --critic)
-        critic.save_pretrained(tmp / "critic", safe_serialization=True)
+        critic.save_pretrained(tmp / "critic", state_dict=full["critic"], safe_serialization=True)
     if value_head is not None:
-        save_file({k: v.detach().cpu().contiguous() for k, v in value_head.state_dict().items()},
+        save_file({k: v.detach().cpu().contiguous() for k, v in full["value_head"].items()},
                   tmp / "value_head.safetensors")
-    tensors, meta = _flatten_optimizer(optimizer.state_dict())
+    tensors, meta = _flatten_optimizer(full["optimizer"])
     rng_tensors, rng_meta = rng_state()
-    tensors.update(rng_tensors)
+    tensors.update(rng_tensors, **full["rng"])  # rng.*.rankN: the other ranks' states
     meta.update(rng_meta, step=step, scheduler=scheduler.state_dict(), sampler=sampler_state, extra=extra)
     save_file(tensors, tmp / "trainer.safetensors", metadata={"json": json.dumps(meta)})
     if final.exists():  # re-saving the same step (e.g. Ctrl-C right after a periodic save)
@@ -84,6 +94,7 @@ def save(run_dir, step: int, *, policy, tokenizer, value_head, optimizer, schedu
     os.replace(tmp, final)
     for old in list_checkpoints(run_dir)[:-keep_last] if keep_last > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
+    distributed.barrier()
     return final
 
 
@@ -120,9 +131,11 @@ def restore(ckpt: Path, *, value_head, optimizer, scheduler) -> dict:
 
     The policy weights are loaded by the caller from ckpt/policy (as a model directory)."""
     tensors, meta = load_trainer_state(ckpt)
+    # distributed.load_*: plain load_state_dict in one process; into FSDP shards under torchrun (any world size)
     if value_head is not None:
-        value_head.load_state_dict(load_file(str(ckpt / "value_head.safetensors")))
-    optimizer.load_state_dict(_unflatten_optimizer(tensors, meta))
+        distributed.load_module(value_head, load_file(str(ckpt / "value_head.safetensors")))
+    distributed.load_optimizer(optimizer, _unflatten_optimizer(tensors, meta))
     scheduler.load_state_dict(meta["scheduler"])
     set_rng_state(tensors, meta)
+    distributed.restore_rank_rng(tensors)
     return meta

@@ -58,6 +58,20 @@ def load_yaml(path, cls) -> dict:
     return values
 
 
+def _resumed_config(resume, cls) -> dict:
+    """The config.yaml of the run being resumed (RUN_DIR or RUN_DIR/checkpoints/step_N), minus run bookkeeping."""
+    from sppo_fast.checkpoint import STEP_DIR
+
+    path = Path(resume)
+    run_dir = path.parent.parent if STEP_DIR.match(path.name) else path
+    config = run_dir / "config.yaml"
+    if not config.is_file():
+        return {}
+    saved = yaml.safe_load(config.read_text()) or {}
+    names = {f.name for f in dataclasses.fields(cls)} - {"resume", "run_name", "out_dir"}
+    return {k: v for k, v in saved.items() if k in names}
+
+
 def build_args(argv=None):
     """Parse `train` flags into a train.Args, applying preset, YAML and flags in that order."""
     from sppo_fast.train import Args
@@ -70,6 +84,10 @@ def build_args(argv=None):
     config_path = ns.pop("config")
     from_yaml = load_yaml(config_path, Args) if config_path else {}
     values = {**from_yaml, **ns}
+    resume = values.get("resume")
+    if resume:  # a resumed run keeps its own config; flags given now (e.g. a larger --steps) still win
+        saved = _resumed_config(resume, Args)
+        values = {**saved, **values}
     if not values.get("model"):  # the embedded tiny model comes with its own demo hyperparameters
         values = {**load_yaml(PRESETS / "tiny.yaml", Args), **values}
     return Args(**values)

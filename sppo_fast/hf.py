@@ -55,7 +55,11 @@ def lm_head_params(model):
         raise NotImplementedError("an lm_head with a bias is not supported by the fused log-prob kernels")
     weight = head.weight
     if type(weight).__name__ == "DTensor":  # FSDP2: the kernel needs the full [V, H] matrix on every rank
-        weight = weight.full_tensor()
+        from torch.distributed.tensor import Partial
+
+        # each rank's kernel sees only its own rows' gradient: mark it Partial so the all-gather's backward
+        # reduce-scatters the sum over ranks rather than keeping each rank's local piece
+        weight = weight.full_tensor(grad_placements=[Partial()] * weight.device_mesh.ndim)
     text_config = base.config.get_text_config()
     return weight, getattr(text_config, "final_logit_softcapping", None), _logit_scale(text_config)
 

@@ -17,16 +17,18 @@ def check_model_dir(path) -> Path:
     if not path.exists():
         raise FileNotFoundError(f"model directory {str(path)!r} does not exist (sppo-fast loads models from a local "
                                 f"directory; nothing is downloaded at run time)")
-    if not path.is_dir() or not (path / "config.json").is_file():
+    is_adapter = (path / "adapter_config.json").is_file()  # a LoRA checkpoint: config.json lives with the base
+    if not path.is_dir() or not ((path / "config.json").is_file() or is_adapter):
         raise ValueError(f"{str(path)!r} is not a Hugging Face model directory: no config.json in it")
-    if not any(path.glob("*.safetensors")) and not any(path.glob("*.bin")) and not (path / "adapter_config.json").exists():
-        raise ValueError(f"{str(path)!r} has a config.json but no weights (*.safetensors or *.bin)")
+    if not any(path.glob("*.safetensors")) and not any(path.glob("*.bin")):
+        raise ValueError(f"{str(path)!r} has a config but no weights (*.safetensors or *.bin)")
     return path
 
 
 def load_tokenizer(path):
     from transformers import AutoTokenizer
 
+    path = check_model_dir(path)
     tokenizer = AutoTokenizer.from_pretrained(str(path))
     if tokenizer.pad_token_id is None:
         if tokenizer.eos_token_id is None:
@@ -45,16 +47,19 @@ def attention_implementation(device: torch.device) -> str:
 
 
 def load_policy(path, *, device, attn_implementation: str, gradient_checkpointing: bool = False,
-                liger: bool = True, lora_rank: int = 0, lora_alpha: int = 16, lora_target: str = "all-linear"):
-    """The policy in fp32 master weights (bf16 compute comes from autocast, so the optimizer never loses precision)."""
+                liger: bool = True, lora_rank: int = 0, lora_alpha: int = 16, lora_target: str = "all-linear",
+                dtype: torch.dtype = torch.float32):
+    """The policy in fp32 master weights (bf16 compute comes from autocast, so the optimizer never loses precision).
+
+    dtype=torch.bfloat16 is the memory mode's choice (sppo_fast/memory.py): then only an optimizer that rounds
+    stochastically may update it, or lr ~ 1e-6 steps vanish. LoRA adapters stay fp32 (peft's default)."""
     from transformers import AutoModelForCausalLM
 
     path = check_model_dir(path)
     if (path / "adapter_config.json").exists():
         return _load_adapter(path, device=device, attn_implementation=attn_implementation,
-                             gradient_checkpointing=gradient_checkpointing)
-    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32,
-                                                 attn_implementation=attn_implementation)
+                             gradient_checkpointing=gradient_checkpointing, dtype=dtype)
+    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, attn_implementation=attn_implementation)
     model.to(device)
     if liger and device.type == "cuda":
         apply_liger(model)
@@ -66,13 +71,14 @@ def load_policy(path, *, device, attn_implementation: str, gradient_checkpointin
     return model
 
 
-def load_critic(path, *, device, attn_implementation: str, gradient_checkpointing: bool = False):
+def load_critic(path, *, device, attn_implementation: str, gradient_checkpointing: bool = False,
+                dtype: torch.dtype = torch.float32):
     """A separate critic LLM: the decoder of a causal LM (AutoModel: no lm_head, whose V x H weights a critic
     never uses), fp32 master weights like the policy."""
     from transformers import AutoModel
 
     path = check_model_dir(path)
-    model = AutoModel.from_pretrained(str(path), dtype=torch.float32, attn_implementation=attn_implementation)
+    model = AutoModel.from_pretrained(str(path), dtype=dtype, attn_implementation=attn_implementation)
     model.to(device)
     if gradient_checkpointing:
         enable_checkpointing(model)
@@ -81,8 +87,10 @@ def load_critic(path, *, device, attn_implementation: str, gradient_checkpointin
 
 def enable_checkpointing(model) -> None:
     """Activation checkpointing of the decoder layers (transformers >= 5.2 renamed gradient_checkpointing_enable)."""
-    enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
-    enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
 def apply_liger(model) -> bool:
@@ -108,12 +116,12 @@ def wrap_lora(model, rank: int, alpha: int, target: str):
     return get_peft_model(model, config)
 
 
-def _load_adapter(path, *, device, attn_implementation, gradient_checkpointing):
+def _load_adapter(path, *, device, attn_implementation, gradient_checkpointing, dtype=torch.float32):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
     base = json.loads((path / "adapter_config.json").read_text())["base_model_name_or_path"]
-    model = AutoModelForCausalLM.from_pretrained(str(check_model_dir(base)), dtype=torch.float32,
+    model = AutoModelForCausalLM.from_pretrained(str(check_model_dir(base)), dtype=dtype,
                                                  attn_implementation=attn_implementation).to(device)
     if gradient_checkpointing:
         enable_checkpointing(model)

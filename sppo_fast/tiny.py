@@ -19,7 +19,7 @@ character, a ``Fuse`` decoder so ``decode(encode(s)) == s``), wrapped as ``PreTr
 Left and right padding both work (the trainer sets ``padding_side``).
 
 Model: ``LlamaForCausalLM``, hidden 128, 4 layers, 4 heads (head dim 32), MLP 384, max positions 64, tied
-embeddings, RoPE theta 10000: 0.80M parameters, fp32 safetensors (~3.2 MB).
+embeddings, RoPE theta 10000: 0.86M parameters, fp32 safetensors (3.4 MB).
 
 Warm-up: supervised next-token loss on ``<s> prompt solution </s>``, loss on the completion tokens only; AdamW
 (lr 2e-3, betas (0.9, 0.98), weight decay 0.01), 20 linear warm-up steps then constant, batch 64, drawn from 20,000
@@ -46,7 +46,7 @@ from pathlib import Path
 
 from . import synthetic
 
-DEFAULT_STEPS = 300
+DEFAULT_STEPS = 225
 DEFAULT_SEED = 0
 N_TRAIN = 20_000
 N_EVAL = 500
@@ -251,6 +251,9 @@ def build(
         model.save_pretrained(out_dir, safe_serialization=True)
         tok.save_pretrained(out_dir)
         _portable_tokenizer_config(out_dir)
+        for f in out_dir.iterdir():  # safetensors writes 0600; the shipped files should be world-readable
+            if f.is_file():
+                f.chmod(0o644)
         return metrics
     finally:
         torch.use_deterministic_algorithms(prev_det)

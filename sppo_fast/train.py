@@ -18,17 +18,18 @@ import os
 import random
 import signal
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from sppo_fast import checkpoint, data, rewards
+from sppo_fast import checkpoint, data, distributed, memory, rewards
 from sppo_fast.kernels import ppo_clip_loss, ppo_clip_loss_from_logp, token_logprobs
 from sppo_fast.metrics import MetricsLogger
 from sppo_fast.hf import lm_head_params
-from sppo_fast.model import attention_implementation, hidden_states, load_critic, load_policy, load_tokenizer
+from sppo_fast.model import (attention_implementation, check_model_dir, hidden_states, load_critic, load_policy,
+                             load_tokenizer)
 from sppo_fast.rollout import generate, pack, split_by_tokens
 from sppo_fast.value_head import ValueHead, pool_prompt_states
 
@@ -136,6 +137,13 @@ class Args:
     """bf16 autocast on GPU (fp32 master weights and optimizer states); CPU always runs fp32"""
     gradient_checkpointing: bool = False
     """recompute decoder activations in backward"""
+    memory_budget: str = ""
+    """GPU memory budget, e.g. 20GiB: takes the lightest --memory-plan that fits, lowers micro_batch_tokens and
+    gen_batch_size to what it holds, caps the process's CUDA memory at it, reports in memory_report.txt; empty = off"""
+    memory_plan: str = "auto"
+    """auto (with a budget: the first that fits; without: fp32) or fp32 | ckpt (+ gradient checkpointing) | bf16
+    (+ bf16 weights, torchao AdamW with stochastic rounding, fp32 states) | 8bit (+ 8-bit states) | offload (fp32
+    states in host RAM); see sppo_fast/memory.py"""
     liger: bool = True
     """apply Liger's RMSNorm/SwiGLU/RoPE kernels to the backbone on GPU when installed"""
     lora_rank: int = 0
@@ -272,7 +280,10 @@ class Stepper:
 
         Needed only when a batch gets several optimizer steps (num_minibatches > 1)."""
         old_logp, old_v = {}, {}
-        for group in groups:
+        for group in distributed.even_micro_batches(groups):  # torchrun: as many forwards on every rank
+            if not group:
+                distributed.idle_pass(self, samples, backward=False)
+                continue
             batch = self.pack(samples, group)
             h_resp, weight, softcap, v = self.forward(batch)
             logp = token_logprobs(h_resp, weight, batch.targets, temperature=self.args.temperature, softcap=softcap,
@@ -297,9 +308,13 @@ class Stepper:
                                  if args.num_minibatches > 1 else (None, None))
         totals, values = {}, torch.zeros(len(samples), device=self.device)
         for mb in minibatches:
-            n_tok = sum(len(samples[i].response_ids) for i in mb)
+            # torchrun: token-mean over ALL ranks' tokens (host-side counts summed; FSDP then sums the gradients)
+            n_tok, n_seq = distributed.sum_counts(sum(len(samples[i].response_ids) for i in mb), len(mb))
             self.optimizer.zero_grad(set_to_none=True)
-            for group in micro(mb):
+            for group in distributed.even_micro_batches(micro(mb)):  # torchrun: as many passes on every rank
+                if not group:  # this rank ran out of micro-batches: a zero-weight pass joins the collectives
+                    distributed.idle_pass(self, samples)
+                    continue
                 batch = self.pack(samples, group)
                 lengths = [len(samples[i].response_ids) for i in group]
                 h_resp, weight, softcap, v = self.forward(batch)
@@ -333,7 +348,7 @@ class Stepper:
                                                    softcap=softcap, impl=args.kernel_impl, check_values=check_values,
                                                    **kernel_kw)
                 # micro-batch losses are means over their own tokens/samples: re-weight to the minibatch's mean
-                tok_w, seq_w = batch.num_resp_tokens / n_tok, len(group) / len(mb)
+                tok_w, seq_w = batch.num_resp_tokens / n_tok, len(group) / n_seq
                 w = tok_w if args.loss_agg == "token-mean" else seq_w
                 loss = pg_loss * w
                 if v is not None:
@@ -354,7 +369,7 @@ class Stepper:
                 adv_tok = adv if adv.shape[0] == batch.num_resp_tokens else adv.repeat_interleave(
                     torch.tensor(lengths, device=self.device))
                 _acc(totals, "stats/advantage_abs", adv_tok.abs().sum() / (n_tok * args.num_minibatches))
-            params = [p for g in self.optimizer.param_groups for p in g["params"]]
+            params = memory.params_for_clipping(self.optimizer)  # offload: the host grads the step will use
             grad_norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm if args.max_grad_norm > 0 else 1e30)
             # The one host sync of the update: a NaN/inf step is skipped instead of poisoning the weights.
             if not torch.isfinite(grad_norm):
@@ -363,6 +378,7 @@ class Stepper:
                 continue
             self.optimizer.step()
             _acc(totals, "stats/grad_norm", grad_norm / args.num_minibatches)
+        self.optimizer.zero_grad(set_to_none=True)  # grads are dead after the step: free them for the rollout
         self.scheduler.step()
         return totals, values if self.value_head is not None else None
 
@@ -408,9 +424,12 @@ def evaluate(stepper, eval_rows, eval_texts, reward_fn, args) -> dict:
     # Sample under a forked, fixed-seed RNG: evaluation neither perturbs the training trajectory (so eval_every does
     # not change what is learned, and a resumed run matches an uninterrupted one) nor varies its own noise by step.
     devices = [stepper.device] if stepper.device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices):
-        torch.manual_seed(args.seed + 1_000_003)
-        return _evaluate(stepper, eval_rows, eval_texts, reward_fn, args)
+    # torchrun: each rank evaluates its share of the prompts with full weights; _evaluate gathers the results
+    with torch.random.fork_rng(devices=devices), distributed.full_params(stepper.policy, stepper.critic,
+                                                                          stepper.value_head):
+        torch.manual_seed(args.seed + 1_000_003 + distributed.rank())
+        return _evaluate(stepper, distributed.local_slice(eval_rows), distributed.local_slice(eval_texts),
+                         reward_fn, args)
 
 
 def _evaluate(stepper, eval_rows, eval_texts, reward_fn, args) -> dict:
@@ -420,8 +439,10 @@ def _evaluate(stepper, eval_rows, eval_texts, reward_fn, args) -> dict:
     sampled = generate(stepper.policy, stepper.tokenizer, eval_texts, num_samples=args.eval_k,
                        temperature=args.temperature, top_p=args.top_p, **gen)
     R_sampled = score_rewards(reward_fn, eval_rows, sampled, args)
+    lengths = torch.tensor([len(s.response_ids) for s in greedy], dtype=torch.float64)
+    R_greedy, R_sampled, lengths = map(distributed.all_gather_cat, (R_greedy, R_sampled, lengths))  # all ranks'
     out = {"eval/pass@1": R_greedy.mean().item(), f"eval/avg@{args.eval_k}": R_sampled.mean().item(),
-           "eval/response_len": sum(len(s.response_ids) for s in greedy) / len(greedy)}
+           "eval/response_len": lengths.mean().item()}
     if stepper.value_head is not None:
         values = []
         for start in range(0, len(greedy), 64):
@@ -430,7 +451,8 @@ def _evaluate(stepper, eval_rows, eval_texts, reward_fn, args) -> dict:
             v = stepper.forward(batch)[3]
             # PPO's critic gives token values: its V(prompt) is the value before the first response token
             values.append((v[batch.cu_seqlens[:-1]] if args.algo == "ppo" else value_of(v, args.value_loss)).cpu())
-        V = torch.cat(values).repeat_interleave(args.eval_k)  # each prompt's V against each of its k samples
+        # each prompt's V against each of its k samples (torchrun: all ranks', in the order of R_sampled)
+        V = distributed.all_gather_cat(torch.cat(values)).repeat_interleave(args.eval_k)
         out["eval/value_mean"] = V.mean().item()
         out["eval/value_pearson"] = pearson(V, R_sampled)
     return out
@@ -448,12 +470,24 @@ def main(args: Args) -> dict:
     check_args(args)
     from sppo_fast.tiny import default_model_path  # the embedded model ships inside the package
 
-    model_path = args.model or default_model_path()
+    model_path = str(check_model_dir(args.model or default_model_path()))  # a clear error before anything else
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
+    device = distributed.init(device)  # torchrun: the process group, this rank's device; only rank 0 prints
     torch.manual_seed(args.seed)
     random.seed(args.seed)
+    # memory plan (sppo_fast/memory.py): weights dtype, optimizer, checkpointing and batch sizes from the budget,
+    # before any directory or model exists, so a budget that cannot work fails first, saying what each phase needs
+    shape = memory.model_shape(model_path, lora_rank=args.lora_rank, critic=args.algo == "ppo" or bool(args.critic))
+    plan = memory.make_plan(shape, budget=args.memory_budget or None, level=args.memory_plan,
+                            seq_len=args.max_prompt_tokens + args.max_new_tokens, prompt_len=args.max_prompt_tokens,
+                            micro_batch_tokens=args.micro_batch_tokens, gen_batch_size=args.gen_batch_size,
+                            batch_sequences=args.batch_size * (args.group_size if args.algo == "grpo" else 1),
+                            gradient_checkpointing=args.gradient_checkpointing, cuda=device.type == "cuda",
+                            kernel_impl=args.kernel_impl)
+    args = replace(args, gradient_checkpointing=plan.gradient_checkpointing, micro_batch_tokens=plan.micro_batch_tokens,
+                   gen_batch_size=plan.gen_batch_size)  # resolved once; config.yaml records them
 
     resume_ckpt = checkpoint.resolve(args.resume) if args.resume else None
     run_dir = Path(args.resume).resolve() if resume_ckpt is not None and not checkpoint.STEP_DIR.match(
@@ -463,30 +497,41 @@ def main(args: Args) -> dict:
     if run_dir is None:
         name = args.run_name or f"{args.algo}__{Path(model_path).name}__{args.seed}__{time.strftime('%Y%m%d-%H%M%S')}"
         run_dir = Path(args.out_dir) / name
+    run_dir = distributed.broadcast_object(run_dir)  # torchrun: rank 0's (the name holds a time stamp)
     run_dir.mkdir(parents=True, exist_ok=True)
-    _save_config(args, run_dir, model_path)
+    memory_mode = bool(args.memory_budget) or args.memory_plan != "auto"
+    if distributed.is_main():
+        report = memory.save_report(plan, shape, run_dir)  # memory_report.{txt,json}: the estimate per phase
+        if memory_mode:
+            print(report)
+    if warning := memory.apply_budget(plan, device):
+        print(warning)
+    if distributed.is_main():
+        _save_config(args, run_dir, model_path)
 
     # --- model, tokenizer, value head, optimizer
     tokenizer = load_tokenizer(model_path)
     policy_path = resume_ckpt / "policy" if resume_ckpt is not None else model_path
     policy = load_policy(policy_path, device=device, attn_implementation=attention_implementation(device),
                          gradient_checkpointing=args.gradient_checkpointing, liger=args.liger,
-                         lora_rank=0 if resume_ckpt is not None else args.lora_rank, lora_alpha=args.lora_alpha)
+                         lora_rank=0 if resume_ckpt is not None else args.lora_rank, lora_alpha=args.lora_alpha,
+                         dtype=plan.dtype)
     policy.train()
     critic = None
     if args.algo == "ppo" or args.critic:  # a separate critic LLM (decoder only: it needs no lm_head)
         critic_path = resume_ckpt / "critic" if resume_ckpt is not None else args.critic or model_path
         critic = load_critic(critic_path, device=device, attn_implementation=attention_implementation(device),
-                             gradient_checkpointing=args.gradient_checkpointing)
+                             gradient_checkpointing=args.gradient_checkpointing, dtype=plan.dtype)
         critic.train()
     hidden_size = (critic or policy).config.get_text_config().hidden_size
     value_head = ValueHead(hidden_size).to(device) if args.algo != "grpo" else None
+    policy, critic, value_head = distributed.shard(policy, critic, value_head)  # torchrun: FSDP2; else no-op
     groups = [{"params": [p for p in policy.parameters() if p.requires_grad], "lr": args.lr,
                "weight_decay": args.weight_decay}]
     if value_head is not None:
         value_params = list(value_head.parameters()) + (list(critic.parameters()) if critic is not None else [])
         groups.append({"params": value_params, "lr": args.value_lr, "weight_decay": 0.0})
-    optimizer = torch.optim.AdamW(groups, betas=(0.9, 0.999), eps=1e-8, fused=device.type == "cuda")
+    optimizer = memory.build_optimizer(groups, plan.optimizer, device, betas=(0.9, 0.999), eps=1e-8)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: min(1.0, (s + 1) / args.warmup_steps) if args.warmup_steps > 0 else 1.0)
 
@@ -513,7 +558,8 @@ def main(args: Args) -> dict:
         print(f"resumed from {resume_ckpt} at step {start_step}")
 
     stepper = Stepper(args, policy, value_head, optimizer, scheduler, tokenizer, device, critic=critic)
-    logger = MetricsLogger(run_dir, tensorboard=args.tensorboard)
+    logger = MetricsLogger(run_dir, tensorboard=args.tensorboard) if distributed.is_main() \
+        else distributed.NullLogger()  # torchrun: rank 0 logs
     print(f"run dir: {run_dir}\nmodel: {model_path} ({sum(p.numel() for p in policy.parameters()) / 1e6:.2f}M params,"
           f" {policy.config._attn_implementation}, {device}); train {len(train_rows)} / eval {len(eval_rows)} prompts")
 
@@ -544,17 +590,26 @@ def main(args: Args) -> dict:
     try:
         for step in range(start_step + 1, args.steps + 1):
             t0 = time.perf_counter()
-            batch_ids = sampler.next_batch()
+            memory.phase_peak_gib(device)  # reset the CUDA peak counter: each phase below is measured alone
+            batch_ids = distributed.local_slice(sampler.next_batch())  # torchrun: this rank's share of the batch
             rows = [train_rows[i] for i in batch_ids]
             n_per_prompt = args.group_size if args.algo == "grpo" else 1
-            samples = generate(policy, tokenizer, [train_texts[i] for i in batch_ids], num_samples=n_per_prompt,
-                               temperature=args.temperature, top_p=args.top_p, **stepper.gen_kwargs)
+            with distributed.full_params(policy):  # torchrun: full weights, no collective per generated token
+                samples = generate(policy, tokenizer, [train_texts[i] for i in batch_ids], num_samples=n_per_prompt,
+                                   temperature=args.temperature, top_p=args.top_p, **stepper.gen_kwargs)
             t1 = time.perf_counter()
+            rollout_peak = memory.phase_peak_gib(device)  # None on CPU (not measured there)
+            if memory_mode:
+                memory.release_cached(device)  # generate's KV cache blocks go back before the update
             R = score_rewards(reward_fn, rows, samples, args)
             t2 = time.perf_counter()
             fixed_adv = group_advantages(R, args.group_size, args.grpo_scale_std) if args.algo == "grpo" else None
             totals, values = stepper.update(samples, R, fixed_adv, check_values=step <= start_step + args.check_inputs_steps)
             t3 = time.perf_counter()
+            samples, R, values = distributed.gather_step(samples, R, values)  # torchrun: all ranks', for metrics
+            update_peak = memory.phase_peak_gib(device)
+            if memory_mode:
+                memory.release_cached(device)
 
             nonfinite_in_a_row = nonfinite_in_a_row + 1 if "nonfinite" in totals else 0
             if nonfinite_in_a_row >= args.max_nonfinite_steps:
@@ -564,7 +619,7 @@ def main(args: Args) -> dict:
             counters["rollout/sampled_tokens"] += resp_tokens
             counters["time/train_s"] += t3 - t0
             if step % args.log_every == 0 or step == args.steps:
-                scalars = {k: v.item() for k, v in totals.items()}  # host sync, once per log interval
+                scalars = {k: v.item() for k, v in distributed.reduce_totals(totals).items()}  # host sync, per log
                 scalars.update({"reward/mean": R.mean().item(), "reward/solved": (R > 0.5).float().mean().item(),
                                 "rollout/response_len": resp_tokens / len(samples),
                                 "rollout/finished": sum(s.finished for s in samples) / len(samples),
@@ -572,6 +627,8 @@ def main(args: Args) -> dict:
                                 "perf/update_s": t3 - t2, "perf/tokens_per_s": resp_tokens / (t3 - t0),
                                 "perf/samples_per_s": len(samples) / (t3 - t0),
                                 "lr/policy": scheduler.get_last_lr()[0], **counters})
+                if rollout_peak is not None:  # this step's measured peaks, CUDA only (CPU runs log no memory/ keys)
+                    scalars.update({"memory/rollout_peak_gib": rollout_peak, "memory/update_peak_gib": update_peak})
                 if values is not None:
                     scalars["value/mean"] = values.mean().item()
                     scalars["value/pearson"] = pearson(values.cpu(), R)
@@ -583,9 +640,9 @@ def main(args: Args) -> dict:
                 ev = evaluate(stepper, eval_rows, eval_texts, reward_fn, args)
                 logger.log(step, {**ev, **counters})
                 bar.write(f"step {step}: " + _fmt(ev))
-            if args.save_every and step % args.save_every == 0:
+            if args.save_every and step % args.save_every == 0 and not nonfinite_in_a_row:
                 save(step)
-            if interrupted["flag"]:
+            if distributed.any_rank(interrupted["flag"]):  # torchrun: all ranks save at the same step
                 bar.write(f"interrupted: saved {save(step)}")
                 return {"interrupted": True, "step": step, "run_dir": str(run_dir)}
         bar.close()
@@ -617,8 +674,8 @@ def _fmt(metrics: dict) -> str:
 
 def _progress(args, start_step):
     from tqdm.auto import tqdm
-    return tqdm(total=args.steps, initial=start_step, disable=not args.progress, desc=args.algo, unit="step",
-                dynamic_ncols=True)
+    return tqdm(total=args.steps, initial=start_step, disable=not args.progress or not distributed.is_main(),
+                desc=args.algo, unit="step", dynamic_ncols=True)
 
 
 if __name__ == "__main__":
