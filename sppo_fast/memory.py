@@ -11,17 +11,21 @@ each saving costs in speed or precision, so the planner takes the first rung who
 
 Why stochastic rounding (the precision rule of this mode): the spacing of bf16 numbers near 1.0 is 2^-8 = 0.0039,
 so a plain AdamW step on bf16 weights, whose update is ~lr = 1e-6 per element, rounds back to the old weight and
-is silently lost (tests/test_memory.py measures exactly 0 change for torch AdamW and for bitsandbytes' AdamW8bit on
-bf16 weights). Stochastic rounding rounds up with probability (fraction / spacing), so the bf16 weight equals the
-fp32 trajectory in expectation; an fp32 master copy would do the same but costs the 4 B/param this mode saves.
-torchao's optimizers implement it (`bf16_stochastic_round=True`); bitsandbytes' 8-bit AdamW has no such option.
+is silently lost (measured: exactly 0 change over 10-20 steps for torch AdamW, tests/test_memory.py, and for
+bitsandbytes 0.50.2's AdamW8bit on bf16 weights, run once by hand on CPU). Stochastic rounding rounds up with
+probability (fraction / spacing), so the bf16 weight equals the fp32 trajectory in expectation; an fp32 master
+copy would do the same but costs the 4 B/param this mode saves. torchao's optimizers implement it
+(`bf16_stochastic_round=True`, documented in torchao's optim README); bitsandbytes' AdamW8bit has no such option.
+On CPU (tests, the tiny demo) the step runs eagerly (`torch.compiler.set_stance("force_eager")`): torchao compiles
+it per parameter shape, which costs more there than the whole run; on CUDA it stays compiled.
 
 Two changes to torchao's classes (subclasses below, nothing patched): states that torchao keeps unquantized (all of
 `_AdamW`'s, and 8-bit AdamW's small tensors) are fp32 rather than the parameter's bf16 (a bf16 second moment
 cannot absorb its own 1e-3 EMA increments), and the learning rate stays a float in `param_groups` (torchao holds a
 tensor there, which LR schedulers' state and the JSON checkpoint metadata do not expect) and becomes a tensor only
-inside `step()`. `state_dict()` is plain: floats, fp32 tensors (8-bit states dequantized), so `sppo_fast.checkpoint`
-stores it in safetensors and `load_state_dict` re-quantizes.
+inside `step()`. `state_dict()` is plain: floats, fp32 tensors, and an 8-bit state as its uint8 codes and fp32
+scales, so `sppo_fast.checkpoint` stores it in safetensors and a resumed run continues bit-exactly (checked on CPU:
+the 8bit plan's step 3 after resuming at step 2 equals the uninterrupted run's).
 
 Estimates are a model, not a measurement: the trainer logs the measured peaks per phase (`memory/rollout_peak_gib`,
 `memory/update_peak_gib`, from torch.cuda.max_memory_allocated) beside them.

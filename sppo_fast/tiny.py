@@ -27,13 +27,22 @@ train problems; deterministic on CPU (``torch.manual_seed``, ``torch.use_determi
 from a seeded ``random.Random``); it stops after a fixed number of steps (``DEFAULT_STEPS``), never by time.
 The step count is chosen so the shipped model is only partly trained: RL has room to improve it and signal to do so.
 
-Rebuild (about a minute on 2 CPU cores)::
+Rebuild (about a minute on 2 idle CPU cores; the checkpoint is bitwise reproducible on the same machine and
+thread count -- the shipped one was built with ``--threads 1``)::
 
-    python -m sppo_fast.tiny                       # writes sppo_fast/assets/tiny/, prints the accuracies
-    python -m sppo_fast.tiny --out /tmp/t --steps 300 --seed 0
+    python -m sppo_fast.tiny --threads 1           # writes sppo_fast/assets/tiny/, prints the accuracies
+    python -m sppo_fast.tiny --out /tmp/t --steps 300 --seed 0 --eval-every 25
 
-Measured on the shipped checkpoint (500 held-out problems, ``synthetic.train_eval_datasets(20000, 500)``):
-greedy accuracy MEASURED_GREEDY, sampled (temperature 0.6) accuracy MEASURED_SAMPLED.
+Measured on the shipped checkpoint (225 steps, seed 0; 500 held-out problems from
+``synthetic.train_eval_datasets(20000, 500)``): greedy accuracy 27.6%, sampled (temperature 0.6) accuracy 26.8%.
+By chain length (greedy): 2 terms 38%, 3 terms 26%, 4 terms 20% -- the errors are mostly off-by-one
+sums and carries, which RL fixes. The same warm-up continued reaches ~18% at 200 steps, ~49% at 250, ~78% at 300
+and ~85% at 350, so the model has the capacity for far more than the shipped 27.6%.
+
+RL headroom (prototype pure SPPO loop: batch 64 prompts, one sample each at temperature 0.6, value head
+``Linear(128, 1)`` zero-initialised on the detached last-prompt-token hidden state, lr 1e-2, AdamW policy lr 5e-5,
+max_new_tokens 36): held-out greedy accuracy (first 200 eval problems) goes from 26.5% to ~55-58% within
+100-200 steps, across seeds. Policy lr 3e-5..1e-4 works; 2e-4 and above collapses to 0%.
 """
 from __future__ import annotations
 

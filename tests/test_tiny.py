@@ -162,7 +162,7 @@ def test_model_config(model):
 
 
 def test_batched_left_padded_generation(tok, model):
-    held = synthetic.train_eval_datasets(0, 64)[1]
+    held = synthetic.train_eval_datasets(0, 32)[1]
     old = tok.padding_side
     tok.padding_side = "left"
     try:
@@ -173,12 +173,12 @@ def test_batched_left_padded_generation(tok, model):
         out = model.generate(**enc, do_sample=False, max_new_tokens=synthetic.max_solution_chars() + 2,
                              pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
     texts = tok.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
-    assert len(texts) == 64 and all(isinstance(t, str) for t in texts)
+    assert len(texts) == 32 and all(isinstance(t, str) for t in texts)
     acc = sum(synthetic.is_correct(t, p["answer"]) for t, p in zip(texts, held)) / len(held)
     # the shipped checkpoint is deliberately half-trained: it solves some problems, not most
     assert 0.05 <= acc <= 0.75, acc
     # most completions have the right shape (steps, ';', answer) even when wrong
-    assert sum(synthetic.extract_answer(t) is not None for t in texts) >= 48
+    assert sum(synthetic.extract_answer(t) is not None for t in texts) >= 24
     # a left-padded batch agrees with unpadded generation for one prompt
     one = tok(held[0]["prompt"], return_tensors="pt")
     with torch.no_grad():
@@ -196,16 +196,21 @@ def test_default_model_path():
 # builder
 # ---------------------------------------------------------------------------------------------------------------
 def test_build_deterministic(tmp_path):
-    kw = dict(steps=3, seed=0, batch_size=16, n_train=256, n_eval=16, do_eval=False, verbose=False)
+    kw = dict(steps=3, seed=0, batch_size=8, n_train=64, n_eval=8, do_eval=False, verbose=False)
     m1 = tiny.build(tmp_path / "a", **kw)
     m2 = tiny.build(tmp_path / "b", **kw)
     assert m1["final_loss"] == m2["final_loss"]
     a = (tmp_path / "a" / "model.safetensors").read_bytes()
     b = (tmp_path / "b" / "model.safetensors").read_bytes()
     assert a == b
-    m3 = tiny.build(tmp_path / "c", **{**kw, "seed": 1})
-    assert (tmp_path / "c" / "model.safetensors").read_bytes() != a
-    assert m3["n_params"] == m1["n_params"]
+    for f in ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json"):
+        assert (tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes(), f
+    assert 0.5e6 <= m1["n_params"] <= 1.5e6
+    # the seed matters (initialisation)
+    tok = tiny.build_tokenizer()
+    w0 = tiny.build_model(tok, 0).model.embed_tokens.weight
+    w1 = tiny.build_model(tok, 1).model.embed_tokens.weight
+    assert not torch.equal(w0, w1)
     # what it writes loads with the Auto classes
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
