@@ -39,10 +39,14 @@ By chain length (greedy): 2 terms 38%, 3 terms 26%, 4 terms 20% -- the errors ar
 sums and carries, which RL fixes. The same warm-up continued reaches ~18% at 200 steps, ~49% at 250, ~78% at 300
 and ~85% at 350, so the model has the capacity for far more than the shipped 27.6%.
 
-RL headroom (prototype pure SPPO loop: batch 64 prompts, one sample each at temperature 0.6, value head
-``Linear(128, 1)`` zero-initialised on the detached last-prompt-token hidden state, lr 1e-2, AdamW policy lr 5e-5,
-max_new_tokens 36): held-out greedy accuracy (first 200 eval problems) goes from 26.5% to ~55-58% within
-100-200 steps, across seeds. Policy lr 3e-5..1e-4 works; 2e-4 and above collapses to 0%.
+RL headroom (measured with a prototype pure SPPO loop: batch 64 prompts, one sample each at temperature 0.6,
+max_new_tokens 36, reward ``is_correct``; value head ``Linear(128, 1)`` zero-initialised on the detached hidden state
+of the last prompt token, BCE-with-logits, AdamW lr 1e-2; A = R - sigmoid(v); token-mean -A*logp on the response;
+AdamW policy lr 5e-5, no warm-up, grad clip 1.0): held-out greedy accuracy (first 200 eval problems) goes from
+26.5% to 50-55% by step 50 and 56-61% by step 200, for all 4 seeds tried (+20 points within 20-60 steps). About
+0.36 CPU-seconds per step with one torch thread, so 200 steps plus evals take ~1.5 minutes. Policy lr 3e-5 and
+5e-5 are reliable; 1e-4 is reliable only with a faster value head (lr 3e-2) -- with 1e-2 one seed in three fell
+back to the start; 2e-4 and above collapse to 0% (the value head lags, negative advantages flatten the policy).
 """
 from __future__ import annotations
 
@@ -258,7 +262,8 @@ def build(
         out_dir.mkdir(parents=True, exist_ok=True)
         model.generation_config = _generation_config(tok)
         model.save_pretrained(out_dir, safe_serialization=True)
-        tok.save_pretrained(out_dir)
+        # save a fresh tokenizer: the one used above carries padding state from batched generation
+        build_tokenizer().save_pretrained(out_dir)
         _portable_tokenizer_config(out_dir)
         for f in out_dir.iterdir():  # safetensors writes 0600; the shipped files should be world-readable
             if f.is_file():
