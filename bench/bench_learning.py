@@ -373,15 +373,16 @@ def pct(x, sd=None):
     return f"{100 * x:.1f}" + (f" ± {100 * sd:.1f}" if sd is not None else "")
 
 
-def write_markdown(path, opts, env, preset, done, summ, verdict, png_name, failed, total_wall):
+def write_markdown(path, opts, env, preset, done, summ, verdict, png_name, failed, total_wall, best_rows=None):
+    best_rows = best_rows or {}
     k = opts.eval_k
     L = []
     L.append(f"# Learning efficiency on CPU — {env['timestamp'][:10]}\n")
     L.append(f"Machine: {env['cpu']}, {env['usable_cores']} usable cores (shared with other jobs; 1-min load "
              f"{fmt(env['load_avg_1m'], '.1f')} at start), torch {env['torch']}, transformers {env['transformers']}, "
              f"git {env['git_sha']}{' (dirty tree)' if env['git_dirty'] else ''}. {len(done)} runs, {opts.workers} at a "
-             f"time, 1 torch thread each; this invocation took {total_wall / 60:.1f} min of wall-clock (runs already "
-             f"cached from an earlier invocation are not included).\n")
+             f"time, 1 torch thread each; the full run took {total_wall / 60:.1f} min of wall-clock "
+             f"({len(env['wall_s_invocations'])} invocation(s) of the resumable script).\n")
     L.append(f"Task: embedded tiny model ({opts.model or 'sppo_fast/assets/tiny'}), synthetic addition chains, "
              f"held-out set of {opts.eval_size} prompts. Every algorithm samples {opts.batch} responses per step; "
              f"{opts.steps} steps (GRPO G=8: {opts.steps * opts.grpo8_step_mult}); max {opts.max_new_tokens or preset['max_new_tokens']} "
@@ -434,6 +435,24 @@ def write_markdown(path, opts, env, preset, done, summ, verdict, png_name, faile
             L.append(f"- {name}: SPPO {'reaches' if t is not None else 'does not reach'} the threshold"
                      + (f" at {t:,.0f} tokens = {fr:.2f} of GRPO G=8's {verdict['grpo8_final_tokens']:,.0f}" if t is not None else "")
                      + f" → **{'met' if verdict[f'met_{y}'] else 'not met'}**.")
+        fr = lambda a, y: (summ[a].get(f"tokens_to_threshold_{y}") / verdict["grpo8_final_tokens"]
+                           if summ[a].get(f"tokens_to_threshold_{y}") is not None else None)
+        L.append("- The same test for every algorithm (fraction of GRPO G=8's tokens needed to reach the threshold, "
+                 f"pass@1 / avg@{k}; ≤ 0.25 passes): " + ", ".join(
+                     f"{summ[a]['label']} {fmt(fr(a, 'pass1'), '.2f', 'never')} / {fmt(fr(a, 'avgk'), '.2f', 'never')}"
+                     for a in summ) + ".")
+        g_rows = best_rows.get("grpo8") or []
+        if g_rows:
+            g = summ["grpo8"]
+            for y, name in (("pass1", "pass@1"), ("avgk", f"avg@{k}")):
+                c = mean_curve(g_rows, "tokens", y)
+                late = interp(c, 0.75 * c[-1][0])
+                if late is not None:
+                    gain = c[-1][1] - late
+                    L.append(f"- GRPO G=8 {name} over the last quarter of its budget: {pct(late)} → {pct(c[-1][1])} "
+                             f"({100 * gain:+.1f} points)" + (": still improving, so its final accuracy is a lower "
+                                                              "bound of its plateau." if gain > opts.margin else
+                                                              ": about flat."))
         if "beats_ppo_pass1" in verdict:
             L.append(f"- vs PPO (final, mean over seeds): pass@1 {'beats' if verdict['beats_ppo_pass1'] else 'does not beat'} PPO, "
                      f"avg@{k} {'beats' if verdict['beats_ppo_avgk'] else 'does not beat'} PPO.")
@@ -530,7 +549,8 @@ def parse(argv=None):
                                                                "SPPO --critic), tried at the best policy lr")
     ap.add_argument("--extend-edges", type=int, default=1, help="times the sweep may extend past an edge")
     ap.add_argument("--extend-factor", type=float, default=3.0)
-    ap.add_argument("--steps", type=int, default=0, help="steps per run (default: the preset's)")
+    ap.add_argument("--steps", type=int, default=60, help="steps per run (the protocol's own, independent of the "
+                                                          "demo preset's run length; GRPO G=8 gets x --grpo8-step-mult)")
     ap.add_argument("--grpo8-step-mult", type=int, default=4, help="GRPO G=8 runs this many times the steps")
     ap.add_argument("--batch", type=int, default=0, help="samples per step (default: the preset's batch_size)")
     ap.add_argument("--max-new-tokens", type=int, default=0, help="default: the preset's")
@@ -578,7 +598,6 @@ def main(argv=None) -> int:
               **load_yaml(PRESETS / "tiny.yaml", Args)}
     if o.lr_mults:
         o.lrs = [preset["lr"] * m for m in o.lr_mults]
-    o.steps = o.steps or preset["steps"]
     o.batch = o.batch or preset["batch_size"]
     o.eval_size = o.eval_size or preset["eval_size"]
     o.eval_k = o.eval_k or preset["eval_k"]
@@ -606,24 +625,46 @@ def main(argv=None) -> int:
     work_dir = work_dir.resolve()
 
     planner = Planner(o, preset, model_path)
-    done = {}
+    done, prev_env, ignored = {}, None, 0
+    # keys any plan under these settings can produce (every lr the sweep may reach, every seed and critic rate)
+    reach = set(o.lrs)
+    for _ in range(o.extend_edges):
+        reach |= {min(reach) / o.extend_factor, max(reach) * o.extend_factor}
+    protocol_keys = {planner.spec(a, lr, c, seed)["key"] for a in o.algos for lr in reach for seed in o.seeds
+                     for c in set(o.critic_lr_mults) | {1.0}}
     if jsonl.is_file():  # resume: every finished run of the same configuration is reused
         for line in jsonl.read_text().splitlines():
             row = json.loads(line) if line.strip() else {}
             if row.get("kind") == "run" and row.get("model_path") == model_path:
-                done[row["key"]] = row
-        print(f"resuming: {len(done)} finished runs in {jsonl}")
+                if row["key"] in protocol_keys:
+                    done[row["key"]] = row
+                else:
+                    ignored += 1
+            elif row.get("kind") == "env" and row.get("model_path") == model_path:
+                prev_env = row
+        print(f"resuming: {len(done)} finished runs in {jsonl}" +
+              (f" ({ignored} runs of other settings ignored and dropped from it)" if ignored else ""))
     env = environment()
     env["model_path"] = model_path
     env["model_sha256"] = _sha256(Path(model_path) / "model.safetensors")
+    n_cached = len(done)
     t0 = time.perf_counter()
     failed = run_all(o, planner, done, jsonl, work_dir)
     total = time.perf_counter() - t0
+    # the environment the runs were made in: a rerun that only re-renders keeps the earlier invocation's record
+    if prev_env is not None:
+        walls = prev_env.get("wall_s_invocations", [prev_env.get("wall_s_this_invocation", 0.0)])
+        if len(done) == n_cached:
+            env = {k: v for k, v in prev_env.items() if k not in ("settings", "preset")}
+        env["wall_s_invocations"] = walls + [round(total, 1)]
+    else:
+        env["wall_s_invocations"] = [round(total, 1)]
     if failed:
         print(f"{len(failed)} run(s) failed: {list(failed)}; rerun the same command to retry them", file=sys.stderr)
         return 1
     summ, verdict, best = summarize(o, planner, done)
     env["wall_s_this_invocation"] = round(total, 1)
+    total = sum(env["wall_s_invocations"])
     env["wall_s_all_runs"] = round(sum(r["wall_s"] for r in done.values()), 1)  # process seconds (not wall)
     # rewrite the JSONL: env, every run, summaries, verdict
     with open(jsonl, "w") as f:
@@ -636,7 +677,7 @@ def main(argv=None) -> int:
         if verdict:
             f.write(json.dumps(verdict) + "\n")
     plot(png, o, summ, best, done)
-    write_markdown(md, o, env, preset, done, summ, verdict, png.name, failed, total)
+    write_markdown(md, o, env, preset, done, summ, verdict, png.name, failed, total, best)
     print(Path(md).read_text())
     print(f"wrote {jsonl}\n      {md}\n      {png}")
     return 0

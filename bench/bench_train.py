@@ -27,8 +27,9 @@ own: lengths vary, and the trainer has no --ignore-eos flag yet.
 Measured per algorithm (steps after the first, which warms up Triton/CUDA, are the median):
   peak GiB            torch.cuda.max_memory_allocated over the whole training process (no eval: it is patched out)
   rollout/update peak the same, reset before each phase of every step
-  value-fn GiB        params + grads + AdamW's 2 states of the value function, from parameter counts and dtypes (fp32
-                      master weights throughout): SPPO = Linear(H, 1); SPPO critic / PPO = critic decoder + head
+  value-fn memory     params + grads + AdamW's 2 states of the value function, from parameter counts and dtypes
+                      (states assumed in the params' dtype: right for the default fp32 memory plan, not for
+                      --memory-plan 8bit/offload): SPPO = Linear(H, 1); SPPO critic / PPO = critic decoder + head
   extra peak vs SPPO  measured peak minus SPPO's: the separate critic's static memory plus its activations
   rollout/scoring/update s  from metrics.jsonl perf/*: scoring = reward + old-log-prob scoring (the latter only
                       with --num-minibatches > 1, timed around Stepper.score and moved out of update)
@@ -233,6 +234,9 @@ def worker(spec_path: str) -> int:
            "rollout_peak_gib": max(probe["rollout_peak"]) / 2**30 if probe["rollout_peak"] else None,
            "update_peak_gib": max(probe["update_peak"]) / 2**30 if probe["update_peak"] else None,
            "before_train_gib": probe["before_train"] / 2**30 if probe["before_train"] is not None else None}
+    for key in ("memory/rollout_peak_gib", "memory/update_peak_gib"):  # the trainer's own per-phase peaks (CUDA)
+        vals = [r[key] for r in rows if key in r]
+        out["trainer_" + key.split("/")[1]] = max(vals) if vals else None
     if cuda:  # whole-process peak: max over the phases (the phase resets cleared the counter)
         out["peak_gib"] = max(x for x in (out["peak_gib"], out["rollout_peak_gib"], out["update_peak_gib"]) if x)
     Path(spec["out_json"]).write_text(json.dumps(out))

@@ -279,3 +279,26 @@ def test_gae_with_lambda_one_is_return_minus_value():
     # lambda = 0: one-step TD errors, V after the last token is 0
     adv0 = gae_advantages(values, R, [3, 2], lam=0.0)
     torch.testing.assert_close(adv0, torch.tensor([0.1, 0.1, 0.7, 0.2, -0.7]))
+
+
+def test_other_architecture_from_a_directory_with_jsonl_and_math_reward(tmp_path):
+    """`--model DIR --data file.jsonl --reward math` on a random-init Qwen2-style model (the GPU path, at CPU size)."""
+    from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
+
+    tok = AutoTokenizer.from_pretrained(default_model_path())
+    config = Qwen2Config(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    torch.manual_seed(0)
+    model_dir = tmp_path / "qwen2-random"
+    Qwen2ForCausalLM(config).save_pretrained(model_dir)
+    tok.save_pretrained(model_dir)
+    data = tmp_path / "math.jsonl"
+    data.write_text("\n".join(json.dumps({"problem": f"{a}+{a}=", "solution": f"\\boxed{{{2 * a}}}"})
+                              for a in range(24)))
+    result, run_dir = run(tmp_path, "--model", str(model_dir), "--data", str(data), "--prompt-field", "problem",
+                          "--answer-field", "solution", "--reward", "math", "--eval-size", "4", "--lr", "1e-5",
+                          "--max-prompt-tokens", "16", "--max-new-tokens", "12")
+    steps = [r for r in read_metrics(run_dir) if "losses/policy" in r]
+    assert len(steps) == 2 and all(math.isfinite(r["losses/policy"]) for r in steps)
+    assert (checkpoint.list_checkpoints(run_dir)[-1] / "policy" / "config.json").is_file()
