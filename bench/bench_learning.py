@@ -394,7 +394,7 @@ def write_markdown(path, opts, env, preset, done, summ, verdict, png_name, faile
              f"SPPO's shared value head: value_lr {preset['value_lr']:g} (preset).\n")
     L.append(f"![learning curves]({png_name})\n")
     L.append("## Results at each algorithm's best learning rate (mean ± sd over seeds)\n")
-    hdr = ["algorithm", "lr", "critic lr", "prompts×samples/step", "steps", f"pass@1 start→final %",
+    hdr = ["algorithm", "lr", "critic lr", "prompts×samples/step", "steps", "pass@1 start→final %",
            f"avg@{k} start→final %", "sampled tokens", "train s", f"pass@1 @ {fmt(next(iter(summ.values()))['equal_tokens'], '.0f')} tok %",
            f"avg@{k} @ equal tok %", "tokens to pass@1 thr", "tokens to avg@k thr", "train s to pass@1 thr",
            "V–R pearson (eval / train)"]

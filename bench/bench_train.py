@@ -32,7 +32,8 @@ Measured per algorithm (steps after the first, which warms up Triton/CUDA, are t
                       --memory-plan 8bit/offload): SPPO = Linear(H, 1); SPPO critic / PPO = critic decoder + head
   extra peak vs SPPO  measured peak minus SPPO's: the separate critic's static memory plus its activations
   rollout/scoring/update s  from metrics.jsonl perf/*: scoring = reward + old-log-prob scoring (the latter only
-                      with --num-minibatches > 1, timed around Stepper.score and moved out of update)
+                      with --num-minibatches > 1: the trainer's perf/score_s, timed without a device sync, so
+                      on GPU the score/update split is approximate; their sum is exact)
   prompts/s, tokens/s prompts (response tokens) per second of rollout + scoring + update
 Results: bench/results/train-<gpu>-<date>.{jsonl,md} (a temp dir with --quick; CPU timings there are no figures,
 and CPU memory is never reported as GPU memory).
@@ -146,7 +147,7 @@ def worker(spec_path: str) -> int:
 
     cuda = torch.cuda.is_available() and spec["device"] != "cpu"
     sync = torch.cuda.synchronize if cuda else (lambda: None)
-    probe = {"rollout_peak": [], "update_peak": [], "score_s": [], "before_train": None, "static": {}}
+    probe = {"rollout_peak": [], "update_peak": [], "before_train": None, "static": {}}
 
     # no evaluation, no checkpoint: the process measures training steps only
     train.evaluate = lambda *a, **k: {}
@@ -168,7 +169,7 @@ def worker(spec_path: str) -> int:
 
     train.generate = generate
     Stepper = train.Stepper
-    init, update, score = Stepper.__init__, Stepper.update, Stepper.score
+    init, update = Stepper.__init__, Stepper.update
 
     def stepper_init(self, *a, **k):
         init(self, *a, **k)
@@ -184,15 +185,7 @@ def worker(spec_path: str) -> int:
             probe["update_peak"].append(torch.cuda.max_memory_allocated())
         return out
 
-    def stepper_score(self, *a, **k):
-        sync()
-        t0 = time.perf_counter()
-        out = score(self, *a, **k)
-        sync()
-        probe["score_s"].append(time.perf_counter() - t0)
-        return out
-
-    Stepper.__init__, Stepper.update, Stepper.score = stepper_init, stepper_update, stepper_score
+    Stepper.__init__, Stepper.update = stepper_init, stepper_update
 
     algo = ALGOS[spec["algo"]]
     G = algo[2]
@@ -212,19 +205,19 @@ def worker(spec_path: str) -> int:
     rows = [r for r in read_metrics(result["run_dir"]) if "losses/policy" in r]
     measured = rows[1:] if len(rows) > 1 else rows  # step 1 warms up (Triton autotune, CUDA context, allocator)
     med = lambda xs: sorted(xs)[(len(xs) - 1) // 2] if xs else None
-    # Stepper.score runs inside update: move its time to "scoring" (per step: score calls of that step)
-    score_per_step = probe["score_s"][len(probe["score_s"]) - len(measured):] if probe["score_s"] else []
-    score_s = med(score_per_step) or 0.0
+    # the trainer logs old-log-prob scoring (perf/score_s, num_minibatches > 1) apart from the update proper
+    score_s = med([r["perf/score_s"] for r in measured])
     rollout = med([r["perf/rollout_s"] for r in measured])
     reward = med([r["perf/reward_s"] for r in measured])
     upd = med([r["perf/update_s"] for r in measured])
-    step_s = med([r["perf/rollout_s"] + r["perf/reward_s"] + r["perf/update_s"] for r in measured])
+    step_s = med([r["perf/rollout_s"] + r["perf/reward_s"] + r["perf/score_s"] + r["perf/update_s"]
+                  for r in measured])
     samples = prompts * G
     out = {"kind": "algo", "algo": spec["algo"], "label": algo[0], "device": spec["device"],
            "prompts_per_step": prompts, "samples_per_step": samples, "max_new_tokens": spec["max_new_tokens"],
            "steps": len(rows), "measured_steps": len(measured),
            "rollout_s": rollout, "scoring_s": reward + score_s, "reward_s": reward, "old_logp_score_s": score_s,
-           "update_s": upd - score_s, "step_s": step_s,
+           "update_s": upd, "step_s": step_s,
            "prompts_per_s": prompts / step_s, "samples_per_s": samples / step_s,
            "tokens_per_s": med([r["perf/tokens_per_s"] for r in measured]),
            "response_len": med([r["rollout/response_len"] for r in measured]),

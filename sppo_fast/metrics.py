@@ -7,8 +7,10 @@ from pathlib import Path
 class MetricsLogger:
     """Appends one JSON object per logged step to RUN_DIR/metrics.jsonl and mirrors scalars to TensorBoard."""
 
-    def __init__(self, run_dir, tensorboard: bool = True):
+    def __init__(self, run_dir, tensorboard: bool = True, append: bool = True):
         self.path = Path(run_dir) / "metrics.jsonl"
+        if not append:  # a fresh run reusing a directory starts a fresh file (a resumed one continues it)
+            self.path.unlink(missing_ok=True)
         self.tb = None
         if tensorboard:
             try:

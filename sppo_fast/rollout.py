@@ -21,7 +21,8 @@ class Sample:
 
 @torch.no_grad()
 def generate(model, tokenizer, prompts: list, *, num_samples: int = 1, temperature: float = 0.6, top_p: float = 1.0,
-             max_new_tokens: int = 256, greedy: bool = False, stop_strings=None, max_batch: int | None = None,
+             max_new_tokens: int = 256, min_new_tokens: int = 0, greedy: bool = False, stop_strings=None,
+             max_batch: int | None = None,
              add_special_tokens: bool = True):
     """Sample `num_samples` responses per prompt. Returns a list of Sample, grouped by prompt (prompt-major)."""
     eos_ids = model.generation_config.eos_token_id if model.generation_config.eos_token_id is not None \
@@ -38,7 +39,8 @@ def generate(model, tokenizer, prompts: list, *, num_samples: int = 1, temperatu
         enc = tokenizer(chunk, return_tensors="pt", padding=True, padding_side="left",
                         add_special_tokens=add_special_tokens)
         enc = {k: v.to(model.device) for k, v in enc.items()}
-        gen_kwargs = dict(max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
+        gen_kwargs = dict(max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens or None,
+                          pad_token_id=tokenizer.pad_token_id,
                           eos_token_id=list(eos_set), use_cache=True)
         if greedy:
             gen_kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)

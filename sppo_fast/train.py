@@ -85,6 +85,8 @@ class Args:
     """rollout nucleus sampling"""
     max_new_tokens: int = 1024
     """response length limit"""
+    min_new_tokens: int = 0
+    """EOS is suppressed before this many new tokens (= max_new_tokens: fixed-length rollouts for benchmarks)"""
     stop_strings: list = field(default_factory=list)
     """extra strings that end a response (EOS always does)"""
     lr: float = 1e-6
@@ -243,11 +245,13 @@ class Stepper:
         self.optimizer, self.scheduler, self.tokenizer, self.device = optimizer, scheduler, tokenizer, device
         self.packed = policy.config._attn_implementation == "flash_attention_2"
         # raw prompts get the tokenizer's special tokens (e.g. BOS); chat-templated text already holds them
-        self.gen_kwargs = dict(max_new_tokens=args.max_new_tokens, stop_strings=args.stop_strings or None,
+        self.gen_kwargs = dict(max_new_tokens=args.max_new_tokens, min_new_tokens=args.min_new_tokens,
+                               stop_strings=args.stop_strings or None,
                                max_batch=args.gen_batch_size or None, add_special_tokens=not args.chat_template)
         # bf16 autocast on GPU only: CPU autocast would slow the tiny demo down and change its numerics
-        self.autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" and args.bf16 \
-            else torch.autocast(device.type, enabled=False)
+        use_bf16 = device.type == "cuda" and args.bf16
+        self.autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16)
+        self.compute_dtype = torch.bfloat16 if use_bf16 else None
 
     def forward(self, batch):
         """One policy forward (+ the critic's, if separate) ->
@@ -258,7 +262,11 @@ class Stepper:
         h_resp = hidden[batch.resp_rows]
         if logit_scale != 1.0:  # models that scale logits (Cohere, Granite): scaling the rows is the same and cheaper
             h_resp = h_resp * logit_scale
-        weight = weight.to(h_resp.dtype)  # differentiable cast: grads reach the fp32 master weight
+        # The head runs in the dtype autocast would give `lm_head(hidden)` (bf16 on GPU: tensor-core GEMMs in the
+        # kernel; the residual stream of fp32 master weights comes out fp32). Differentiable casts: grads reach the
+        # fp32 master weight. Without autocast (CPU, or bf16 weights) the wider of the two dtypes.
+        dtype = self.compute_dtype or torch.promote_types(h_resp.dtype, weight.dtype)
+        h_resp, weight = h_resp.to(dtype), weight.to(dtype)
         v = None
         if self.critic is not None:  # a separate critic LLM: a second forward over the same tokens
             with self.autocast:
@@ -304,8 +312,10 @@ class Stepper:
         order = torch.randperm(len(samples)).tolist() if args.num_minibatches > 1 else list(range(len(samples)))
         minibatches = [order[k::args.num_minibatches] for k in range(args.num_minibatches)]
         micro = lambda idx: split_by_tokens(samples, idx, args.micro_batch_tokens)
+        t0 = time.perf_counter()
         scored_logp, scored_v = (self.score(samples, micro(order), check_values)
                                  if args.num_minibatches > 1 else (None, None))
+        self.score_s = time.perf_counter() - t0  # old-log-prob scoring, logged apart from the update proper
         totals, values = {}, torch.zeros(len(samples), device=self.device)
         for mb in minibatches:
             # torchrun: token-mean over ALL ranks' tokens (host-side counts summed; FSDP then sums the gradients)
@@ -558,7 +568,7 @@ def main(args: Args) -> dict:
         print(f"resumed from {resume_ckpt} at step {start_step}")
 
     stepper = Stepper(args, policy, value_head, optimizer, scheduler, tokenizer, device, critic=critic)
-    logger = MetricsLogger(run_dir, tensorboard=args.tensorboard) if distributed.is_main() \
+    logger = MetricsLogger(run_dir, tensorboard=args.tensorboard, append=start_step > 0) if distributed.is_main() \
         else distributed.NullLogger()  # torchrun: rank 0 logs
     print(f"run dir: {run_dir}\nmodel: {model_path} ({sum(p.numel() for p in policy.parameters()) / 1e6:.2f}M params,"
           f" {policy.config._attn_implementation}, {device}); train {len(train_rows)} / eval {len(eval_rows)} prompts")
@@ -624,7 +634,8 @@ def main(args: Args) -> dict:
                                 "rollout/response_len": resp_tokens / len(samples),
                                 "rollout/finished": sum(s.finished for s in samples) / len(samples),
                                 "perf/rollout_s": t1 - t0, "perf/reward_s": t2 - t1,
-                                "perf/update_s": t3 - t2, "perf/tokens_per_s": resp_tokens / (t3 - t0),
+                                "perf/update_s": t3 - t2 - stepper.score_s, "perf/score_s": stepper.score_s,
+                                "perf/tokens_per_s": resp_tokens / (t3 - t0),
                                 "perf/samples_per_s": len(samples) / (t3 - t0),
                                 "lr/policy": scheduler.get_last_lr()[0], **counters})
                 if rollout_peak is not None:  # this step's measured peaks, CUDA only (CPU runs log no memory/ keys)
