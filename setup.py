@@ -35,6 +35,8 @@ setup(
         "lora": ["peft>=0.13"],
         # SPPO mode and the fused GRPOTrainer override TRL internals, so the major version is pinned
         "trl": ["trl>=1.16,<2"],
+        # verl 0.9 pins transformers < 5.11: pip then picks a transformers both accept
+        "verl": ["verl>=0.9.1,<0.10"],
         # --memory-budget's bf16 stochastic-rounding / 8-bit AdamW and CPU offload (tested with torchao 0.18)
         "memory": ["torchao>=0.18"],
         "test": ["pytest>=8", "liger-kernel>=0.5", "trl>=1.16,<2", "peft>=0.13", "torchao>=0.18"],

@@ -14,9 +14,9 @@ One step, as data (../DESIGN.md has the picture):
 The critic is a Linear(H, 1) on the policy's own prompt state: causal attention makes that state independent of the
 response, so the same forward serves the log-probs and the critic, and V needs no extra pass.
 """
-import os
 import random
 import signal
+import sys
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -614,7 +614,8 @@ def main(args: Args) -> dict:
             R = score_rewards(reward_fn, rows, samples, args)
             t2 = time.perf_counter()
             fixed_adv = group_advantages(R, args.group_size, args.grpo_scale_std) if args.algo == "grpo" else None
-            totals, values = stepper.update(samples, R, fixed_adv, check_values=step <= start_step + args.check_inputs_steps)
+            check_values = step <= start_step + args.check_inputs_steps  # host-side input checks, first steps only
+            totals, values = stepper.update(samples, R, fixed_adv, check_values=check_values)
             t3 = time.perf_counter()
             samples, R, values = distributed.gather_step(samples, R, values)  # torchrun: all ranks', for metrics
             update_peak = memory.phase_peak_gib(device)
@@ -691,4 +692,4 @@ def _progress(args, start_step):
 
 if __name__ == "__main__":
     from sppo_fast.cli import main as cli_main
-    cli_main(["train", *os.sys.argv[1:]])
+    raise SystemExit(cli_main(["train", *sys.argv[1:]]))
