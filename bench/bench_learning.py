@@ -33,6 +33,9 @@ import tempfile
 import time
 from pathlib import Path
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # bench/utils.py, when run as a script
+from utils import git  # noqa: E402
+
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "bench" / "results"
 
@@ -48,14 +51,6 @@ DEFAULT_ALGOS = "sppo,grpo4,grpo8,ppo,sppo_critic"
 
 # ---------------------------------------------------------------------------------------------------------------------
 # environment
-def _git(*cmd):
-    try:
-        out = subprocess.run(["git", *cmd], cwd=REPO, capture_output=True, text=True, timeout=10)
-        return out.stdout.strip() if out.returncode == 0 else None
-    except (OSError, subprocess.SubprocessError):
-        return None
-
-
 def environment() -> dict:
     import torch
     import transformers
@@ -72,11 +67,11 @@ def environment() -> dict:
         usable = len(os.sched_getaffinity(0))
     except AttributeError:
         usable = os.cpu_count()
-    status = _git("status", "--porcelain")
+    status = git("status", "--porcelain")
     return {"kind": "env", "cpu": cpu, "cpu_count": os.cpu_count(), "usable_cores": usable,
             "load_avg_1m": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
             "torch": torch.__version__, "transformers": transformers.__version__, "python": platform.python_version(),
-            "git_sha": _git("rev-parse", "--short", "HEAD"), "git_dirty": bool(status) if status is not None else None,
+            "git_sha": git("rev-parse", "--short", "HEAD"), "git_dirty": bool(status) if status is not None else None,
             "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
 
 

@@ -50,6 +50,9 @@ import tempfile
 import time
 from pathlib import Path
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # bench/utils.py, when run as a script
+from utils import git  # noqa: E402
+
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "bench" / "results"
 
@@ -69,14 +72,6 @@ QUICK_MODEL = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, n
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-def _git(*cmd):
-    try:
-        out = subprocess.run(["git", *cmd], cwd=REPO, capture_output=True, text=True, timeout=10)
-        return out.stdout.strip() if out.returncode == 0 else None
-    except (OSError, subprocess.SubprocessError):
-        return None
-
-
 def environment() -> dict:
     import torch
     import transformers
@@ -87,13 +82,13 @@ def environment() -> dict:
     except ImportError:
         triton_version = None
     cuda = torch.cuda.is_available()
-    status = _git("status", "--porcelain")
+    status = git("status", "--porcelain")
     return {"kind": "env", "device": torch.cuda.get_device_name() if cuda else "cpu",
             "gpu_mem_gib": torch.cuda.get_device_properties(0).total_memory / 2**30 if cuda else None,
             "torch": torch.__version__, "cuda": torch.version.cuda, "triton": triton_version,
             "transformers": transformers.__version__, "python": platform.python_version(),
             "flash_attn": _has("flash_attn"), "liger_kernel": _has("liger_kernel"),
-            "git_sha": _git("rev-parse", "--short", "HEAD"), "git_dirty": bool(status) if status is not None else None,
+            "git_sha": git("rev-parse", "--short", "HEAD"), "git_dirty": bool(status) if status is not None else None,
             "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
 
 

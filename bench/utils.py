@@ -86,19 +86,20 @@ def device_name(device="cuda"):
     return "cpu"
 
 
-def git_sha():
-    """HEAD's SHA with '+dirty' when the tree has changes; None outside a repository or before the first commit."""
+def git(*cmd):
+    """`git CMD` in the repository holding this file: its stripped stdout, or None (no git, not a repo, an error)."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     try:
-        sha = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=root, capture_output=True, text=True,
-                             timeout=10)
-        if sha.returncode != 0:
-            return None
-        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=root, capture_output=True, text=True,
-                               timeout=10).stdout.strip()
-        return sha.stdout.strip() + ("+dirty" if dirty else "")
+        out = subprocess.run(["git", *cmd], cwd=root, capture_output=True, text=True, timeout=10)
+        return out.stdout.strip() if out.returncode == 0 else None
     except (OSError, subprocess.SubprocessError):
         return None
+
+
+def git_sha():
+    """HEAD's SHA with '+dirty' when the tree has changes; None outside a repository or before the first commit."""
+    sha = git("rev-parse", "--short=12", "HEAD")
+    return None if sha is None else sha + ("+dirty" if git("status", "--porcelain") else "")
 
 
 def environment(device="cuda"):
