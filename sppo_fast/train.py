@@ -279,6 +279,12 @@ class Stepper:
             v = self.value_head(pooled if self.args.value_grad_to_backbone else pooled.detach())
         return h_resp, weight, softcap, v
 
+    def generate(self, texts, **kwargs):
+        """Rollouts under the same autocast as the update (bf16 on GPU; with fp32 master weights, generating
+        outside autocast would run every decode step in fp32)."""
+        with self.autocast:
+            return generate(self.policy, self.tokenizer, texts, **self.gen_kwargs, **kwargs)
+
     def pack(self, samples, group):
         return pack(samples, group, packed=self.packed, pad_token_id=self.tokenizer.pad_token_id).to(self.device)
 
@@ -443,11 +449,9 @@ def evaluate(stepper, eval_rows, eval_texts, reward_fn, args) -> dict:
 
 
 def _evaluate(stepper, eval_rows, eval_texts, reward_fn, args) -> dict:
-    gen = stepper.gen_kwargs
-    greedy = generate(stepper.policy, stepper.tokenizer, eval_texts, greedy=True, **gen)
+    greedy = stepper.generate(eval_texts, greedy=True)
     R_greedy = score_rewards(reward_fn, eval_rows, greedy, args)
-    sampled = generate(stepper.policy, stepper.tokenizer, eval_texts, num_samples=args.eval_k,
-                       temperature=args.temperature, top_p=args.top_p, **gen)
+    sampled = stepper.generate(eval_texts, num_samples=args.eval_k, temperature=args.temperature, top_p=args.top_p)
     R_sampled = score_rewards(reward_fn, eval_rows, sampled, args)
     lengths = torch.tensor([len(s.response_ids) for s in greedy], dtype=torch.float64)
     R_greedy, R_sampled, lengths = map(distributed.all_gather_cat, (R_greedy, R_sampled, lengths))  # all ranks'
@@ -605,8 +609,8 @@ def main(args: Args) -> dict:
             rows = [train_rows[i] for i in batch_ids]
             n_per_prompt = args.group_size if args.algo == "grpo" else 1
             with distributed.full_params(policy):  # torchrun: full weights, no collective per generated token
-                samples = generate(policy, tokenizer, [train_texts[i] for i in batch_ids], num_samples=n_per_prompt,
-                                   temperature=args.temperature, top_p=args.top_p, **stepper.gen_kwargs)
+                samples = stepper.generate([train_texts[i] for i in batch_ids], num_samples=n_per_prompt,
+                                           temperature=args.temperature, top_p=args.top_p)
             t1 = time.perf_counter()
             rollout_peak = memory.phase_peak_gib(device)  # None on CPU (not measured there)
             if memory_mode:
