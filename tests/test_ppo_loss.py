@@ -343,3 +343,25 @@ def test_bad_inputs():
             call(**kwargs)
     with pytest.raises(RuntimeError, match="cu_seqlens must start at 0"):  # the default, queued device-side check
         call(cu_seqlens=torch.tensor([0, 5, 3, 24]))
+
+
+@pytest.mark.parametrize("loss_agg", ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum"])
+@pytest.mark.parametrize("ratio_level", ["token", "sequence"])
+def test_readable_reference_matches_the_op(loss_agg, ratio_level):
+    """kernels/reference.py's loop-based PPO loss is what the docs point readers to: keep it equal to the op."""
+    from sppo_fast.kernels.reference import ppo_clip_loss_from_logp_ref
+
+    g = torch.Generator().manual_seed(3)
+    cu = torch.tensor([0, 5, 5, 12, 20])  # an empty sequence included
+    n = int(cu[-1])
+    old = torch.randn(n, generator=g, dtype=torch.float64)
+    logp = (old + 0.5 * torch.randn(n, generator=g, dtype=torch.float64)).requires_grad_()
+    adv = torch.randn(n, generator=g, dtype=torch.float64)
+    mask = torch.rand(n, generator=g) > 0.2
+    kw = dict(clip_low=0.2, clip_high=0.28, dual_clip=3.0, ratio_level=ratio_level, loss_agg=loss_agg)
+    ours, _ = ppo_clip_loss_from_logp(logp, old, adv, mask, cu, impl="torch", **kw)
+    ref = ppo_clip_loss_from_logp_ref(logp, old, adv, mask, cu, **kw)
+    torch.testing.assert_close(ours.double(), ref, rtol=1e-10, atol=1e-12)
+    g_ours, = torch.autograd.grad(ours, logp)
+    g_ref, = torch.autograd.grad(ref, logp)
+    torch.testing.assert_close(g_ours.double(), g_ref, rtol=1e-10, atol=1e-12)
