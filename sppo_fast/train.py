@@ -303,8 +303,7 @@ class Stepper:
             logp = token_logprobs(h_resp, weight, batch.targets, temperature=self.args.temperature, softcap=softcap,
                                   impl=self.args.kernel_impl, check_values=check_values)
             lengths = [len(samples[i].response_ids) for i in group]  # known on the host: no device sync
-            for b, (i, piece) in enumerate(zip(group, logp.split(lengths))):
-                old_logp[i] = piece
+            old_logp.update(zip(group, logp.split(lengths)))
             if v is not None:
                 pieces = v.split(lengths) if self.args.algo == "ppo" else v.unbind()
                 old_v.update(zip(group, pieces))
@@ -504,10 +503,8 @@ def main(args: Args) -> dict:
                    gen_batch_size=plan.gen_batch_size)  # resolved once; config.yaml records them
 
     resume_ckpt = checkpoint.resolve(args.resume) if args.resume else None
-    run_dir = Path(args.resume).resolve() if resume_ckpt is not None and not checkpoint.STEP_DIR.match(
-        Path(args.resume).name) else None
-    if resume_ckpt is not None and run_dir is None:
-        run_dir = resume_ckpt.parent.parent
+    # a checkpoint lives at RUN_DIR/checkpoints/step_N, whether --resume named the run or the checkpoint
+    run_dir = resume_ckpt.resolve().parent.parent if resume_ckpt is not None else None
     if run_dir is None:
         name = args.run_name or f"{args.algo}__{Path(model_path).name}__{args.seed}__{time.strftime('%Y%m%d-%H%M%S')}"
         run_dir = Path(args.out_dir) / name
