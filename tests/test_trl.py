@@ -3,8 +3,12 @@
 Tiny random Llama (hidden 32, 2 layers), the repo's character tokenizer built in memory, an in-memory dataset.
 """
 import copy
+import functools
+import os
+import shutil
 
 import pytest
+import safetensors.torch
 import torch
 
 pytest.importorskip("trl")
@@ -12,11 +16,16 @@ datasets = pytest.importorskip("datasets")
 
 from trl import GRPOConfig, GRPOTrainer  # noqa: E402
 
-from sppo_fast.integrations.trl import FusedGRPOTrainer, SPPOConfig, SPPOTrainer  # noqa: E402
+from transformers import TrainerCallback  # noqa: E402
+
+from sppo_fast.integrations.trl import (FusedGRPOTrainer, SPPOConfig, SPPOTrainer, load_value_head,  # noqa: E402
+                                        _ValueHeadGradients)
 from sppo_fast.tiny import build_tokenizer  # noqa: E402
+from sppo_fast.value_head import ValueHead  # noqa: E402
 
 torch.set_num_threads(1)
-PROMPTS = ["1+2=", "33+4=", "5+61+7=", "8="]
+PROMPTS = ["1+2=", "33+4=", "5+61+7=", "8=", "9+9=", "2+71=", "4+4+4=", "60=",
+           "7+1=", "12+3+4=", "5=", "80+8=", "3+3=", "41+2+9=", "6+50=", "77="]
 
 
 def tiny_model(tok, seed=0):
@@ -48,8 +57,8 @@ def config(cls, tmp_path, **overrides):
     return cls(**kw)
 
 
-def make(trainer_cls, cfg, model, tok, **kw):
-    dataset = datasets.Dataset.from_dict({"prompt": PROMPTS})
+def make(trainer_cls, cfg, model, tok, num_prompts=4, **kw):
+    dataset = datasets.Dataset.from_dict({"prompt": PROMPTS[:num_prompts]})
     return trainer_cls(model=model, reward_funcs=digit_reward, args=cfg, train_dataset=dataset,
                        processing_class=tok, **kw)
 
@@ -168,8 +177,12 @@ def test_sppo_one_step(tmp_path, num_iterations):
     assert any(not torch.equal(b, p) for b, p in zip(head_before, trainer.value_head.parameters()))
     assert not torch.equal(policy_before, model.lm_head.weight)
     trainer.save_model(str(tmp_path / "saved"))
-    saved = torch.load(tmp_path / "saved" / "value_head.pt")
-    torch.testing.assert_close(saved["linear.weight"], trainer.value_head.linear.weight)
+    assert not (tmp_path / "saved" / "value_head.pt").exists()
+    saved = safetensors.torch.load_file(tmp_path / "saved" / "value_head.safetensors")  # no pickle
+    assert saved.keys() == trainer.value_head.state_dict().keys()
+    torch.testing.assert_close(saved["linear.weight"], trainer.value_head.linear.weight, atol=0, rtol=0)
+    reloaded = load_value_head(ValueHead(32), str(tmp_path / "saved"))
+    torch.testing.assert_close(reloaded.linear.bias, trainer.value_head.linear.bias, atol=0, rtol=0)
 
 
 def test_sppo_loss_by_hand(tmp_path):
@@ -225,3 +238,157 @@ def test_fused_grpo_with_lora_matches_trl(tmp_path):
     assert grads.keys() == ref_grads.keys() and all("lora_" in name for name in grads)
     for name in ref_grads:
         torch.testing.assert_close(grads[name], ref_grads[name], atol=1e-6, rtol=1e-4, msg=name)
+
+
+class HeadGradientRecorder(TrainerCallback):
+    """Per optimizer step: the value head's gradient the optimizer applies (`.grad` just before `optimizer.step`,
+    and the SGD update it makes) next to that step's own gradient, the sum of the gradients that the backward passes
+    of this step's micro-batches produced (tensor hooks see each backward's contribution before accumulation)."""
+
+    def __init__(self, head):
+        self.head, self.own, self.applied, self.updates, self._before = head, [], [], [], None
+        self._pending = [torch.zeros_like(p) for p in head.parameters()]
+        for i, p in enumerate(head.parameters()):
+            p.register_hook(functools.partial(self._add, i))
+
+    def _add(self, i, grad):
+        self._pending[i] += grad
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        self.applied.append([p.grad.clone() for p in self.head.parameters()])
+        self.own.append(self._pending)
+        self._pending = [torch.zeros_like(p) for p in self.head.parameters()]
+        self._before = [p.detach().clone() for p in self.head.parameters()]
+
+    def on_optimizer_step(self, args, state, control, **kwargs):
+        self.updates.append([p.detach() - b for p, b in zip(self.head.parameters(), self._before)])
+
+
+@pytest.mark.parametrize("schedule", [{}, {"gradient_accumulation_steps": 2}, {"num_iterations": 2},
+                                      {"steps_per_generation": 2}], ids=["plain", "grad_accum2", "iters2", "spg2"])
+def test_value_head_applies_each_steps_own_gradient(tmp_path, schedule):
+    """Over 4 optimizer steps the head's applied gradient is that step's own (the Trainer zeroes only the model's
+    gradients: without clearing the head's, step k applied the sum of steps 1..k), SGD moves it by -lr x that
+    gradient, and `sppo/value_grad_norm` logs its norm."""
+    tok = build_tokenizer()
+    value_lr = 0.1
+    cfg = config(SPPOConfig, tmp_path, max_steps=4, optim="sgd", lr_scheduler_type="constant",
+                 value_learning_rate=value_lr, **schedule)
+    trainer = make(SPPOTrainer, cfg, tiny_model(tok), tok, num_prompts=8)
+    recorder = HeadGradientRecorder(trainer.value_head)
+    trainer.add_callback(recorder)
+    trainer.train()
+
+    assert len(recorder.applied) == 4
+    norms = [log["sppo/value_grad_norm"] for log in trainer.state.log_history if "sppo/value_grad_norm" in log]
+    assert len(norms) == 4
+    for step, (own, applied, update) in enumerate(zip(recorder.own, recorder.applied, recorder.updates), 1):
+        assert any(g.abs().sum() > 0 for g in own), f"step {step}: no value gradient at all"
+        for g_own, g_applied, delta in zip(own, applied, update):
+            torch.testing.assert_close(g_applied, g_own, atol=1e-7, rtol=1e-6, msg=f"step {step}")
+            torch.testing.assert_close(delta, -value_lr * g_own, atol=1e-7, rtol=1e-5, msg=f"step {step}")
+        norm = torch.linalg.vector_norm(torch.cat([g.flatten() for g in applied])).item()
+        assert norms[step - 1] == pytest.approx(norm, rel=1e-5)
+    assert all(p.grad is None for p in trainer.value_head.parameters())  # cleared after the last step too
+
+
+def test_value_head_gradient_check_fails_without_clearing(tmp_path):
+    """The recorder above does catch stale gradients: without the clearing callback, step 2 applies steps 1 + 2."""
+    tok = build_tokenizer()
+    cfg = config(SPPOConfig, tmp_path, max_steps=2, optim="sgd", lr_scheduler_type="constant")
+    trainer = make(SPPOTrainer, cfg, tiny_model(tok), tok)
+    trainer.remove_callback(_ValueHeadGradients)
+    recorder = HeadGradientRecorder(trainer.value_head)
+    trainer.add_callback(recorder)
+    trainer.train()
+    stale = [a + b for a, b in zip(recorder.own[0], recorder.own[1])]
+    for g_applied, g_stale in zip(recorder.applied[1], stale):
+        torch.testing.assert_close(g_applied, g_stale)
+    assert not torch.allclose(recorder.applied[1][1], recorder.own[1][1])  # the bias's gradient
+
+
+def _resume_config(path, **overrides):
+    return config(SPPOConfig, path, max_steps=4, save_strategy="steps", save_steps=2, value_learning_rate=0.05,
+                  **overrides)
+
+
+def _final_state(trainer):
+    state = {f"model.{n}": p.detach().clone() for n, p in trainer.model.named_parameters()}
+    state.update({f"head.{n}": p.detach().clone() for n, p in trainer.value_head.named_parameters()})
+    return state
+
+
+def _logs_after(trainer, step):
+    keep = ("loss", "reward", "sppo/value_loss", "sppo/value_mean", "sppo/value_grad_norm", "grad_norm")
+    # (with num_iterations=2 the steps that reuse a rollout log no reward)
+    return [{k: log.get(k) for k in keep} for log in trainer.state.log_history if "loss" in log and log["step"] > step]
+
+
+@pytest.mark.parametrize("schedule", [{}, {"num_iterations": 2}], ids=["plain", "iters2"])
+def test_sppo_resume_is_bit_exact_and_the_head_is_safetensors(tmp_path, schedule):
+    """Resume at step 2 reproduces the uninterrupted run's steps 3 and 4 exactly (logged metrics, policy and head);
+    the checkpoint's head is value_head.safetensors (no pickle); a legacy value_head.pt resumes the same, with a
+    FutureWarning; no head file is an error unless value_head_on_resume='fresh'."""
+    tok = build_tokenizer()
+    model = tiny_model(tok)
+    # 16 prompts, 4 per step: the run stays in its first epoch. (TRL's RepeatSampler keeps its shuffling generator
+    # out of the checkpoint, so a resume in a later epoch reshuffles from the seed: TRL's limit, not the head's.)
+    full = make(SPPOTrainer, _resume_config(tmp_path / "full", **schedule), copy.deepcopy(model), tok, 16)
+    full.train()
+    ckpt = tmp_path / "full" / "checkpoint-2"
+    assert (ckpt / "value_head.safetensors").is_file()
+    assert not any("value" in f and not f.endswith(".safetensors") for f in os.listdir(ckpt)), os.listdir(ckpt)
+    with safetensors.safe_open(str(ckpt / "value_head.safetensors"), framework="pt") as f:
+        assert set(f.keys()) == {"linear.weight", "linear.bias"}
+    expected_logs, expected = _logs_after(full, 2), _final_state(full)
+    assert len(expected_logs) == 2
+
+    def resume(name, checkpoint, **overrides):
+        trainer = make(SPPOTrainer, _resume_config(tmp_path / name, **schedule, **overrides), copy.deepcopy(model),
+                       tok, 16)
+        trainer.train(resume_from_checkpoint=str(checkpoint))
+        return trainer
+
+    resumed = resume("resumed", ckpt)
+    assert _logs_after(resumed, 2) == expected_logs  # bit for bit
+    got = _final_state(resumed)
+    for name, value in expected.items():
+        assert torch.equal(got[name], value), name
+
+    legacy = tmp_path / "legacy"
+    shutil.copytree(ckpt, legacy)
+    head = safetensors.torch.load_file(legacy / "value_head.safetensors")
+    os.remove(legacy / "value_head.safetensors")
+    torch.save(head, legacy / "value_head.pt")
+    with pytest.warns(FutureWarning, match="weights_only=True"):
+        from_legacy = resume("from_legacy", legacy)
+    assert torch.equal(_final_state(from_legacy)["head.linear.weight"], expected["head.linear.weight"])
+
+    os.remove(legacy / "value_head.pt")
+    with pytest.raises(FileNotFoundError, match="value_head_on_resume='fresh'"):
+        resume("headless", legacy)
+    fresh = resume("fresh", legacy, value_head_on_resume="fresh")
+    step3 = next(log for log in fresh.state.log_history if log.get("step") == 3)
+    assert step3["sppo/value_mean"] == pytest.approx(0.5, abs=1e-6)  # value_init: the saved head was not used
+
+
+def test_sppo_resume_from_a_grpo_checkpoint_says_what_to_do(tmp_path):
+    tok = build_tokenizer()
+    model = tiny_model(tok)
+    grpo = make(FusedGRPOTrainer, config(GRPOConfig, tmp_path / "grpo", save_strategy="steps", save_steps=1),
+                copy.deepcopy(model), tok)
+    grpo.train()
+    sppo = make(SPPOTrainer, _resume_config(tmp_path / "sppo", value_head_on_resume="fresh"), model, tok)
+    with pytest.raises(ValueError, match="not an SPPOTrainer checkpoint"):
+        sppo.train(resume_from_checkpoint=str(tmp_path / "grpo" / "checkpoint-1"))
+
+
+@pytest.mark.parametrize("trainer_cls", [FusedGRPOTrainer, SPPOTrainer])
+def test_lm_head_with_bias_is_refused_at_construction(tmp_path, trainer_cls):
+    tok = build_tokenizer()
+    model = tiny_model(tok)
+    model.config.tie_word_embeddings = False
+    model.lm_head = torch.nn.Linear(32, 64, bias=True)
+    cfg = config(GRPOConfig if trainer_cls is FusedGRPOTrainer else SPPOConfig, tmp_path)
+    with pytest.raises(ValueError, match=r"lm_head has a bias.*trl\.GRPOTrainer"):
+        make(trainer_cls, cfg, model, tok)

@@ -30,7 +30,13 @@ SPPOTrainer (Sequence-level PPO, one sample per prompt) on top of it:
     `sppo_loss_agg`, TRL's `importance_sampling_level` as the ratio level, TRL's static `entropy_coef`)
     + value_coef * BCE(v, R); divided by the gradient-accumulation steps like TRL's losses.
   * The value head is added to the trainer's optimizer as its own parameter group (lr = value_learning_rate,
-    no weight decay) and saved as `value_head.pt` next to the model.
+    no weight decay). It is not part of the model, so the Trainer's `model.zero_grad()` does not reach it: a
+    callback clears its gradients at the same two points (the start of training and right after every optimizer
+    step, after the Trainer zeroes the model's), averages them over processes before the step (DDP only reduces
+    the model's), and logs their norm as `sppo/value_grad_norm`.
+  * The head is saved as `value_head.safetensors` next to the model, by `save_model` and in every checkpoint; a
+    resume loads it and raises if the checkpoint has none, unless `SPPOConfig.value_head_on_resume="fresh"`.
+    A `value_head.pt` from older versions is still read (tensors only, `weights_only=True`) with a FutureWarning.
 
 Limits (checked at construction where possible): TRL's `advantages`, `loss_type`, `scale_rewards` and
 `multi_objective_aggregation` are not used by SPPOTrainer (TRL still computes its advantages; with one sample per
@@ -38,7 +44,8 @@ prompt they are 0, and they are what TRL's completion table logs); no KL to a re
 high-entropy token mask, no off-policy mask, no adaptive entropy, no vLLM importance-sampling correction;
 rewards must be in [0, 1] (the value loss is a BCE); text-only models; max_grad_norm clips the policy only (TRL
 clips `model.parameters()`); the value head takes the learning-rate schedule of the policy. DeepSpeed ZeRO-3 is not
-supported by either trainer (the kernel reads the lm_head weight outside the head module's gather hooks).
+supported by either trainer (the kernel reads the lm_head weight outside the head module's gather hooks), nor
+is an lm_head with a bias (the kernels compute h W^T; both trainers refuse such a model at construction).
 """
 from __future__ import annotations
 
@@ -52,6 +59,7 @@ import torch
 import torch.nn.functional as F
 import transformers
 from packaging.version import Version
+from transformers import TrainerCallback
 from transformers.utils import ModelOutput
 
 from sppo_fast.hf import lm_head_logprobs
@@ -62,9 +70,11 @@ try:
 except ImportError as err:  # pragma: no cover - exercised only without trl
     raise ImportError("sppo_fast.integrations.trl needs TRL: pip install 'sppo_fast[trl]'") from err
 
-__all__ = ["FusedLMHeadOutput", "add_fused_lm_head", "FusedGRPOTrainer", "SPPOConfig", "SPPOTrainer"]
+__all__ = ["FusedLMHeadOutput", "add_fused_lm_head", "FusedGRPOTrainer", "SPPOConfig", "SPPOTrainer",
+           "save_value_head", "load_value_head"]
 
-VALUE_HEAD_FILE = "value_head.pt"
+VALUE_HEAD_FILE = "value_head.safetensors"  # the name sppo_fast.train's checkpoints use too
+LEGACY_VALUE_HEAD_FILE = "value_head.pt"  # a torch.save pickle, written by sppo_fast <= 0.1's SPPOTrainer
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -194,6 +204,21 @@ def _base_model(model):
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
+def _check_lm_head_without_bias(trainer) -> None:
+    """Refuse, when the trainer is built, a model whose lm_head has a bias (the kernels compute h W^T only), rather
+    than at the first training step."""
+    model = _base_model(trainer.model)
+    if getattr(model.get_output_embeddings(), "bias", None) is None:
+        return
+    if isinstance(trainer, SPPOTrainer):
+        alternative = ("SPPOTrainer has no path without these kernels, so SPPO is not available for this model; "
+                       "trl.GRPOTrainer trains it with GRPO (TRL's own fused LM head adds the bias)")
+    else:
+        alternative = "use trl.GRPOTrainer instead: same training, and TRL's own fused LM head adds the bias"
+    raise ValueError(f"{type(trainer).__name__}: {type(model).__name__}'s lm_head has a bias, which sppo_fast's "
+                     f"fused log-prob kernels do not support (they compute hidden @ weight.T); {alternative}")
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # GRPO with the kernels
 class FusedGRPOTrainer(GRPOTrainer):
@@ -206,6 +231,7 @@ class FusedGRPOTrainer(GRPOTrainer):
     def __init__(self, *args, kernel_impl: str = "auto", **kwargs):
         _check_no_zero3()
         super().__init__(*args, **kwargs)
+        _check_lm_head_without_bias(self)  # after TRL's __init__, which loads the model when it is given by name
         self.kernel_impl = kernel_impl
         # the same call sites and arguments as TRL's own GRPOTrainer.__init__, which patched these models already
         add_fused_lm_head(_base_model(self.model), temperature=self.temperature,
@@ -249,6 +275,10 @@ class SPPOConfig(GRPOConfig):
         default="token-mean",
         metadata={"help": "PPO loss aggregation: token-mean | seq-mean-token-mean | seq-mean-token-sum "
                           "(over the micro-batch)."})
+    value_head_on_resume: str = field(
+        default="load",
+        metadata={"help": "On resume_from_checkpoint: 'load' the checkpoint's value head (an error if it has none), "
+                          "or start a 'fresh' head (value_init, no optimizer state), ignoring any saved one."})
 
     def __post_init__(self):
         if self.num_generations != 1:
@@ -267,6 +297,8 @@ class SPPOConfig(GRPOConfig):
             raise ValueError(f"dual_clip must be > 1 or None, got {self.dual_clip}")
         if not 0 < self.value_init < 1:
             raise ValueError(f"value_init must be in (0, 1), got {self.value_init}")
+        if self.value_head_on_resume not in ("load", "fresh"):
+            raise ValueError(f"value_head_on_resume must be 'load' or 'fresh', got {self.value_head_on_resume!r}")
 
 
 def _check_sppo_args(args: SPPOConfig) -> None:
@@ -285,13 +317,92 @@ def _check_sppo_args(args: SPPOConfig) -> None:
         raise NotImplementedError(f"SPPOTrainer does not support: {', '.join(bad)}")
 
 
+def save_value_head(head: torch.nn.Module, directory: str) -> str:
+    """Write `head`'s state as `directory/value_head.safetensors` (no pickle); returns the file's path."""
+    from safetensors.torch import save_model
+
+    path = os.path.join(directory, VALUE_HEAD_FILE)
+    save_model(head, path)
+    return path
+
+
+def find_value_head(directory: str) -> str | None:
+    """The value-head file in `directory`: value_head.safetensors, else a legacy value_head.pt, else None."""
+    for name in (VALUE_HEAD_FILE, LEGACY_VALUE_HEAD_FILE):
+        path = os.path.join(directory, name)
+        if os.path.isfile(path):
+            return path
+    return None
+
+
+def load_value_head(head: torch.nn.Module, path: str) -> torch.nn.Module:
+    """Load a saved value head into `head` (in place, strict: every key must match); returns `head`.
+
+    `path` is the file or the directory that holds it (a `save_model` output or a checkpoint). A legacy
+    `value_head.pt` is read with `torch.load(weights_only=True)`, which loads tensors and refuses arbitrary pickled
+    objects, and a FutureWarning asks to re-save it.
+    """
+    file = find_value_head(path) if os.path.isdir(path) else path
+    if file is None or not os.path.isfile(file):
+        raise FileNotFoundError(f"no value head at {path} (expected {VALUE_HEAD_FILE})")
+    device = next(head.parameters()).device
+    if file.endswith(".safetensors"):
+        from safetensors.torch import load_model
+
+        load_model(head, file, strict=True, device=str(device))
+    else:
+        warnings.warn(f"{file} is a pickle written by an older sppo_fast; it was read with weights_only=True. "
+                      f"Reading {LEGACY_VALUE_HEAD_FILE} will be removed: re-save the head (trainer.save_model or "
+                      f"sppo_fast.integrations.trl.save_value_head) to get {VALUE_HEAD_FILE}", FutureWarning,
+                      stacklevel=2)
+        head.load_state_dict(torch.load(file, map_location=device, weights_only=True))
+    return head
+
+
+class _ValueHeadGradients(TrainerCallback):
+    """Treats the value head's gradients as the Trainer treats the model's, which it cannot see.
+
+    transformers' training loop (`_inner_training_loop` / `_run_epoch`, 5.x) calls `model.zero_grad()` once before
+    the first step and once after every `optimizer.step()`, followed by `on_train_begin` and `on_step_end`
+    respectively; the head's gradients are cleared at those two callbacks, so each optimizer step applies the sum over
+    exactly its own micro-batches (gradient accumulation, `num_iterations`, `steps_per_generation` all go through
+    this loop). `on_pre_optimizer_step` comes after the policy's gradients were all-reduced (DDP) and clipped: the
+    head's are averaged over processes there, as DDP does for the model's, and their norm is logged.
+    """
+
+    def __init__(self, trainer: "SPPOTrainer"):
+        self.trainer = trainer
+
+    def _clear(self):
+        self.trainer.value_head.zero_grad(set_to_none=True)  # as model.zero_grad()
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self._clear()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self._clear()
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        trainer = self.trainer
+        grads = [p.grad for p in trainer.value_head.parameters() if p.grad is not None]
+        if not grads:
+            return
+        if trainer.accelerator.num_processes > 1:
+            for g in grads:
+                g.copy_(trainer.accelerator.reduce(g, reduction="mean"))
+        norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
+        # one host sync per optimizer step, as the Trainer's own grad_norm
+        trainer._metrics["train"]["sppo/value_grad_norm"].append(norm.item())
+
+
 class SPPOTrainer(FusedGRPOTrainer):
     """SPPO on TRL: one completion per prompt, A = R - sigmoid(v(prompt)), PPO clip + BCE value loss.
 
     Args: those of GRPOTrainer (with `args` an SPPOConfig), plus
         value_head: a `ValueHead` (or any module [B, H] -> [B] logits) to train; default ValueHead(H, value_init).
         kernel_impl: the kernel implementation, "auto" | "triton" | "torch".
-    After training, `trainer.value_head` holds the critic; `save_model` writes it as `value_head.pt`.
+    After training, `trainer.value_head` holds the critic; `save_model` and every checkpoint write it as
+    `value_head.safetensors` (read it back with `load_value_head(ValueHead(H), output_dir)`).
     """
 
     def __init__(self, model, reward_funcs, args: SPPOConfig, *pos_args, value_head=None, kernel_impl="auto",
@@ -303,6 +414,8 @@ class SPPOTrainer(FusedGRPOTrainer):
             value_head = ValueHead(hidden_size, init_value=args.value_init)
         self.value_head = value_head.to(self.accelerator.device)
         self._sppo_rewards_per_func = None
+        self._fresh_head_on_resume = False
+        self.add_callback(_ValueHeadGradients(self))
 
     # --- optimizer and checkpoints --------------------------------------------------------------------------
     def create_optimizer(self, model=None):
@@ -319,15 +432,36 @@ class SPPOTrainer(FusedGRPOTrainer):
         super()._save(output_dir, state_dict)
         output_dir = output_dir if output_dir is not None else self.args.output_dir
         if self.args.should_save:
-            torch.save(self.value_head.state_dict(), os.path.join(output_dir, VALUE_HEAD_FILE))
+            save_value_head(self.value_head, output_dir)
 
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
         super()._load_from_checkpoint(resume_from_checkpoint, model)
-        path = os.path.join(resume_from_checkpoint, VALUE_HEAD_FILE)
-        if os.path.isfile(path):
-            self.value_head.load_state_dict(torch.load(path, map_location=self.accelerator.device))
-        else:
-            warnings.warn(f"no {VALUE_HEAD_FILE} in {resume_from_checkpoint}: the value head starts fresh")
+        self._fresh_head_on_resume = self.args.value_head_on_resume == "fresh"
+        if self._fresh_head_on_resume:
+            return  # the head keeps its initial weights; its optimizer state is dropped after the optimizer load
+        if find_value_head(resume_from_checkpoint) is None:
+            raise FileNotFoundError(
+                f"{resume_from_checkpoint} holds no value head ({VALUE_HEAD_FILE}): resuming would pair the trained "
+                f"policy with an untrained critic. Set SPPOConfig(value_head_on_resume='fresh') to start a fresh "
+                f"head on purpose")
+        load_value_head(self.value_head, resume_from_checkpoint)
+
+    def _load_optimizer_and_scheduler(self, checkpoint):
+        try:
+            super()._load_optimizer_and_scheduler(checkpoint)
+        except ValueError as err:
+            if "parameter group" not in str(err):
+                raise
+            raise ValueError(f"the optimizer state in {checkpoint} does not have SPPOTrainer's parameter groups (the "
+                             f"policy's plus the value head's): it is not an SPPOTrainer checkpoint. To start SPPO "
+                             f"from its weights, pass the checkpoint as the model and do not resume") from err
+        if checkpoint is not None and self._fresh_head_on_resume:
+            for p in self.value_head.parameters():  # a fresh head starts with fresh Adam moments too
+                self.optimizer.state.pop(p, None)
+
+    def _load_best_model(self):
+        super()._load_best_model()
+        load_value_head(self.value_head, self.state.best_model_checkpoint)
 
     # --- rollout: rewards and (when needed) frozen pre-update values ----------------------------------------
     def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
