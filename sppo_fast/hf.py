@@ -6,10 +6,11 @@
     #   logits = model(input_ids, attention_mask=attention_mask).logits
     #   logp = torch.log_softmax(logits[:, :-1].float() / T, -1).gather(-1, input_ids[:, 1:, None]).squeeze(-1)
     logp = causal_lm_logprobs(model, input_ids, attention_mask, temperature=T)        # [B, L - 1] fp32
+    logp = causal_lm_logprobs(model, input_ids, attention_mask, labels=labels)        # HF's -100 convention
 
 How: run the model's backbone (`get_decoder()`, through a peft wrapper), keep the final hidden states [B, L, H],
-gather the rows of the positions that are scored (both the position and its next token are real tokens, and the
-next token is in `response_mask` when one is given), and hand those [N, H] rows with the lm_head weight [V, H] to
+gather the rows of the positions that are scored (both the position and its next token are real tokens, the next
+token is in `response_mask` when one is given, and its label is not -100 when `labels` are given), and hand those [N, H] rows with the lm_head weight [V, H] to
 `sppo_fast.kernels.token_logprobs`. Padding rows never reach the kernel, and the [N, V] logits are never stored.
 The result is scattered back to [B, L - 1] (or [B, K] with `logits_to_keep=K`) with 0 at unscored positions.
 
@@ -52,7 +53,9 @@ def lm_head_params(model):
     if head is None:
         raise ValueError(f"{type(base).__name__} has no output embeddings (is it a causal LM?)")
     if getattr(head, "bias", None) is not None:
-        raise NotImplementedError("an lm_head with a bias is not supported by the fused log-prob kernels")
+        raise NotImplementedError(f"{type(base).__name__}'s lm_head has a bias, which the fused log-prob kernels do "
+                                  f"not support (they compute hidden @ weight.T); use the model's own logits "
+                                  f"(model(...).logits, then log_softmax) for this model")
     weight = head.weight
     if type(weight).__name__ == "DTensor":  # FSDP2: the kernel needs the full [V, H] matrix on every rank
         from torch.distributed.tensor import Partial
@@ -133,7 +136,8 @@ def _backbone(model):
 
 
 def causal_lm_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
-                       response_mask: torch.Tensor | None = None, logits_to_keep: int | None = None,
+                       response_mask: torch.Tensor | None = None, labels: torch.Tensor | None = None,
+                       logits_to_keep: int | None = None,
                        temperature: float = 1.0, return_entropy: bool = False, impl: str = "auto",
                        position_ids: torch.Tensor | None = None, check_values: bool = False, **decoder_kwargs):
     """Per-token log-probs of `input_ids[:, 1:]` given their prefix, from the fused kernel (no [B, L, V] logits).
@@ -142,7 +146,7 @@ def causal_lm_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Ten
         logits = model(input_ids, attention_mask=attention_mask, position_ids=position_ids).logits
         logp = log_softmax(logits[:, :-1].float() / temperature, -1).gather(-1, input_ids[:, 1:, None])[..., 0]
     with unscored positions set to 0 (see `scored_positions`: padding on either side, prompt tokens when a
-    response_mask is given).
+    response_mask is given, -100 labels when labels are given).
 
     Args:
         model: a Hugging Face causal LM (`*ForCausalLM`), optionally peft-wrapped (LoRA etc.; not prompt learning).
@@ -152,6 +156,11 @@ def causal_lm_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Ten
         attention_mask: [B, L] 0/1, None = no padding.
         response_mask: [B, L] 0/1 aligned with input_ids: score only tokens t + 1 where it is 1 (e.g. the
             completion). Rows of other positions are not sent to the kernel at all.
+        labels: [B, L] int64 in Hugging Face's convention, as for `model(input_ids, labels=labels)`: aligned with
+            input_ids and shifted here as the model's loss shifts them (position t is scored against labels[:, t + 1]),
+            -100 = not scored. The scored token is the label (normally input_ids[:, t + 1]). Padding is still
+            unscored whatever its label; with response_mask too, both masks apply. `labels` equal to input_ids with
+            -100 outside the response give exactly the response_mask result.
         logits_to_keep: K, return only the last K positions, [B, K] (TRL's convention: output[:, -K:] of the full
             result; K = completion length scores the right-padded completion that follows a left-padded prompt).
         temperature: the sampling temperature (logits are divided by it).
@@ -159,7 +168,8 @@ def causal_lm_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Ten
         impl: the kernel implementation, "auto" | "triton" | "torch".
         position_ids: [B, L], passed to the backbone (the naive path passes it to the model the same way).
         check_values: the kernel's eager target-range check (a host sync; for debugging).
-        **decoder_kwargs: extra keyword arguments for the backbone's forward.
+        **decoder_kwargs: extra keyword arguments for the backbone's forward. Loss arguments (`shift_labels`,
+            `num_items_in_batch`) are refused: this returns log-probs, not a loss.
 
     Returns:
         logp [B, L - 1] (or [B, K]) fp32, or (logp, entropy) with return_entropy. Differentiable wrt the model's
@@ -170,22 +180,32 @@ def causal_lm_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Ten
     batch, length = input_ids.shape
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
-    for name, m in (("attention_mask", attention_mask), ("response_mask", response_mask)):
+    for name, m in (("attention_mask", attention_mask), ("response_mask", response_mask), ("labels", labels)):
         if m is not None and m.shape != input_ids.shape:
             raise ValueError(f"{name} must have the shape of input_ids {tuple(input_ids.shape)}, got {tuple(m.shape)}")
+    for name in ("shift_labels", "num_items_in_batch"):
+        # otherwise they would reach the backbone's **kwargs and be ignored without a word
+        if name in decoder_kwargs:
+            raise TypeError(f"causal_lm_logprobs does not take {name!r}: it returns per-token log-probs, not a loss; "
+                            f"pass unshifted `labels` (-100 = unscored) or `response_mask` to choose the positions")
     num_pos = max(length - 1, 0)
     keep = num_pos if logits_to_keep is None else int(logits_to_keep)
     if not 0 <= keep <= num_pos:
         raise ValueError(f"logits_to_keep must be in [0, L - 1 = {num_pos}], got {logits_to_keep}")
     start = num_pos - keep  # output column j is position start + j, predicting token start + j + 1
 
-    scored = scored_positions(attention_mask, response_mask)[:, start:]  # [B, K]
+    scored = scored_positions(attention_mask, response_mask)  # [B, L - 1]
+    targets = input_ids
+    if labels is not None:
+        targets = labels.to(input_ids.device)
+        scored = scored & (targets[:, 1:] != -100)  # HF's shift: position t predicts labels[:, t + 1]
+    scored = scored[:, start:]  # [B, K]
     backbone_inputs = dict(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **decoder_kwargs)
     if position_ids is not None:
         backbone_inputs["position_ids"] = position_ids
     hidden = _backbone(model)(**backbone_inputs).last_hidden_state  # [B, L, H]
     rows = hidden[:, start:num_pos][scored]  # [N, H]: only scored positions go to the kernel
-    targets = input_ids[:, start + 1:][scored]  # [N]
+    targets = targets[:, start + 1:][scored]  # [N]
     result = lm_head_logprobs(model, rows, targets, temperature=temperature, return_entropy=return_entropy,
                               impl=impl, check_values=check_values)
     # masked_scatter (rather than index_put into zeros) keeps the output attached to the graph even when N = 0

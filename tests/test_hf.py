@@ -140,3 +140,67 @@ def test_bad_shapes():
         causal_lm_logprobs(model, ids, mask, logits_to_keep=4)
     with pytest.raises(ValueError, match="attention_mask"):
         causal_lm_logprobs(model, ids, mask[:, :3])
+
+
+def test_labels_minus_100_equal_response_mask():
+    """HF's convention: labels = input_ids with -100 outside the response score exactly what response_mask scores,
+    values and gradients (the same rows reach the kernel)."""
+    model = tiny_llama(tied=False)
+    p_ids, p_mask = padded_batch([6, 3, 4], "left", total=6, seed=3)
+    c_ids, c_mask = padded_batch([5, 2, 4], "right", total=5, seed=4)
+    ids, mask = torch.cat([p_ids, c_ids], 1), torch.cat([p_mask, c_mask], 1)
+    response = torch.cat([torch.zeros_like(p_mask), c_mask], 1)
+    labels = ids.masked_fill(response == 0, -100)
+
+    by_mask = causal_lm_logprobs(model, ids, mask, response_mask=response, temperature=0.8)
+    mask_grads = grads(model, by_mask.sum())
+    by_labels = causal_lm_logprobs(model, ids, mask, labels=labels, temperature=0.8)
+    label_grads = grads(model, by_labels.sum())
+    assert torch.equal(by_labels, by_mask)
+    assert (by_labels[:, :5] == 0).all() and (by_labels[:, 5:] != 0).any()
+    for name in mask_grads:
+        assert torch.equal(label_grads[name], mask_grads[name]), name
+    kept = causal_lm_logprobs(model, ids, mask, labels=labels, logits_to_keep=5, temperature=0.8)
+    assert torch.equal(kept, by_mask[:, -5:])
+
+
+def test_labels_are_shifted_as_hf_does():
+    """Against transformers' own loss: with right padding and -100 labels on the padding and on a few more tokens,
+    HF's `model(ids, labels=labels).loss` is the mean of -logp over the scored positions. Labels that differ from
+    the input tokens are the scored targets."""
+    model = tiny_llama(tied=True)
+    ids, mask = padded_batch([9, 6, 12], "right", total=12, seed=7)
+    labels = ids.masked_fill(mask == 0, -100)
+    labels[:, :4] = -100  # a "prompt" that is not scored
+    labels[1, 4] = -100
+    logp = causal_lm_logprobs(model, ids, mask, labels=labels)
+    scored = labels[:, 1:] != -100
+    assert ((logp != 0) == scored).all()
+    hf_loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+    torch.testing.assert_close(-logp.sum() / scored.sum(), hf_loss, atol=1e-5, rtol=1e-5)
+
+    g = torch.Generator().manual_seed(8)
+    other = torch.where(labels == -100, -100, torch.randint(1, VOCAB, labels.shape, generator=g))
+    logp_other = causal_lm_logprobs(model, ids, mask, labels=other)
+    logits = model(input_ids=ids, attention_mask=mask).logits.float()
+    ref = torch.log_softmax(logits[:, :-1], -1).gather(-1, other[:, 1:].clamp(min=0)[..., None])[..., 0]
+    torch.testing.assert_close(logp_other, torch.where(scored, ref, 0.0), atol=1e-5, rtol=1e-5)
+
+
+def test_loss_keywords_and_bad_labels_are_refused():
+    model = tiny_llama(tied=False)
+    ids, mask = padded_batch([3, 4], "right", total=4)
+    with pytest.raises(TypeError, match="shift_labels.*response_mask"):
+        causal_lm_logprobs(model, ids, mask, shift_labels=ids)
+    with pytest.raises(TypeError, match="num_items_in_batch"):
+        causal_lm_logprobs(model, ids, mask, num_items_in_batch=3)
+    with pytest.raises(ValueError, match="labels must have the shape"):
+        causal_lm_logprobs(model, ids, mask, labels=ids[:, :3])
+
+
+def test_lm_head_bias_error_names_the_alternative():
+    model = tiny_llama(tied=False)
+    model.lm_head = torch.nn.Linear(32, VOCAB, bias=True)
+    ids, mask = padded_batch([3], "right", total=4)
+    with pytest.raises(NotImplementedError, match=r"bias.*model\(\.\.\.\)\.logits"):
+        causal_lm_logprobs(model, ids, mask)
