@@ -392,3 +392,50 @@ def test_lm_head_with_bias_is_refused_at_construction(tmp_path, trainer_cls):
     cfg = config(GRPOConfig if trainer_cls is FusedGRPOTrainer else SPPOConfig, tmp_path)
     with pytest.raises(ValueError, match=r"lm_head has a bias.*trl\.GRPOTrainer"):
         make(trainer_cls, cfg, model, tok)
+
+
+def _two_rank_worker(rank, port, out_dir):
+    """One rank of a 2-process gloo run (accelerate's MULTI_CPU): 3 SGD steps of SPPOTrainer, 2 prompts per rank."""
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", LOCAL_WORLD_SIZE="2",
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    tok = build_tokenizer()
+    cfg = config(SPPOConfig, os.path.join(out_dir, "run"), per_device_train_batch_size=2, max_steps=3, optim="sgd",
+                 lr_scheduler_type="constant", value_learning_rate=0.1)
+    trainer = make(SPPOTrainer, cfg, tiny_model(tok), tok, num_prompts=8)
+    recorder = HeadGradientRecorder(trainer.value_head)
+    trainer.add_callback(recorder)
+    trainer.train()
+    tensors = {}
+    for step, (own, applied) in enumerate(zip(recorder.own, recorder.applied)):
+        for i, (g_own, g_applied) in enumerate(zip(own, applied)):
+            tensors[f"own.{step}.{i}"], tensors[f"applied.{step}.{i}"] = g_own, g_applied
+    for name, p in trainer.value_head.named_parameters():
+        tensors[f"head.{name}"] = p.detach()
+    tensors["policy.lm_head"] = trainer.model.lm_head.weight.detach()
+    safetensors.torch.save_file({k: v.contiguous() for k, v in tensors.items()},
+                                os.path.join(out_dir, f"rank{rank}.safetensors"))
+
+
+@pytest.mark.slow  # two spawned processes that each import TRL: ~30 s of CPU
+def test_value_head_gradients_are_averaged_over_processes(tmp_path):
+    """DDP averages the policy's gradients; the head is not in the DDP module, so SPPOTrainer averages its gradients
+    itself: every step applies the mean of the two ranks' own gradients, and the two heads stay identical."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.start_processes(_two_rank_worker, args=(port, str(tmp_path)), nprocs=2, start_method="spawn", join=True)
+    r0, r1 = (safetensors.torch.load_file(tmp_path / f"rank{r}.safetensors") for r in (0, 1))
+    assert torch.equal(r0["policy.lm_head"], r1["policy.lm_head"])  # DDP, as a sanity check of the setup
+    for step in range(3):
+        for i in range(2):
+            own0, own1 = r0[f"own.{step}.{i}"], r1[f"own.{step}.{i}"]
+            assert not torch.equal(own0, own1)  # the ranks saw different prompts
+            for r in (r0, r1):
+                torch.testing.assert_close(r[f"applied.{step}.{i}"], (own0 + own1) / 2, atol=1e-7, rtol=1e-6)
+    for name in ("head.linear.weight", "head.linear.bias"):
+        assert torch.equal(r0[name], r1[name]), name
