@@ -370,6 +370,9 @@ def test_sppo_resume_is_bit_exact_and_the_head_is_safetensors(tmp_path, schedule
     fresh = resume("fresh", legacy, value_head_on_resume="fresh")
     step3 = next(log for log in fresh.state.log_history if log.get("step") == 3)
     assert step3["sppo/value_mean"] == pytest.approx(0.5, abs=1e-6)  # value_init: the saved head was not used
+    # ...nor the saved head's Adam moments: its optimizer state counts the 2 resumed steps, the policy's all 4
+    assert fresh.optimizer.state[fresh.value_head.linear.bias]["step"] == 2
+    assert fresh.optimizer.state[fresh.model.lm_head.weight]["step"] == 4
 
 
 def test_sppo_resume_from_a_grpo_checkpoint_says_what_to_do(tmp_path):
@@ -439,3 +442,20 @@ def test_value_head_gradients_are_averaged_over_processes(tmp_path):
                 torch.testing.assert_close(r[f"applied.{step}.{i}"], (own0 + own1) / 2, atol=1e-7, rtol=1e-6)
     for name in ("head.linear.weight", "head.linear.bias"):
         assert torch.equal(r0[name], r1[name]), name
+
+
+def test_load_best_model_at_end_restores_the_best_checkpoints_head(tmp_path):
+    tok = build_tokenizer()
+    cfg = config(SPPOConfig, tmp_path, max_steps=3, save_strategy="steps", save_steps=1, eval_strategy="steps",
+                 eval_steps=1, load_best_model_at_end=True, metric_for_best_model="sppo/value_loss",
+                 greater_is_better=False, value_learning_rate=0.1, per_device_eval_batch_size=4)
+    trainer = make(SPPOTrainer, cfg, tiny_model(tok), tok, num_prompts=8,
+                   eval_dataset=datasets.Dataset.from_dict({"prompt": PROMPTS[8:12]}))
+    trainer.train()
+    best = trainer.state.best_model_checkpoint
+    assert best is not None
+    saved = safetensors.torch.load_file(os.path.join(best, "value_head.safetensors"))
+    last = safetensors.torch.load_file(tmp_path / "checkpoint-3" / "value_head.safetensors")
+    assert not torch.equal(saved["linear.bias"], last["linear.bias"])  # (else this test could not tell)
+    for name, p in trainer.value_head.named_parameters():
+        assert torch.equal(p.detach(), saved[name]), name
