@@ -37,6 +37,11 @@ def main():
     print("entropies  [B, L-1]:\n", entropy.detach().numpy().round(3))
     print(f"max |fused - naive| = {(logp - naive).abs().max().item():.2e}")
 
+    # the same positions in Hugging Face's `labels` convention: -100 = not scored (shifted inside, as HF's loss does)
+    labels = input_ids.masked_fill(response_mask == 0, -100)
+    same = causal_lm_logprobs(model, input_ids, attention_mask, labels=labels, temperature=temperature)
+    print("labels=-100 masking equals response_mask masking:", torch.equal(same, logp))
+
     # it is differentiable: a REINFORCE-style loss backpropagates into the model
     (-(logp.sum())).backward()
     print("grad norm of lm_head/embeddings:", model.lm_head.weight.grad.norm().item())

@@ -5,7 +5,8 @@
 
 A = R - sigmoid(v(prompt)), with v = Linear(H, 1) on the policy's own last-prompt-token hidden state (the same
 forward that scores the completion), PPO clip with dual clip from `sppo_fast.kernels`, and a BCE value loss.
-The value head is trained with its own learning rate and saved as value_head.pt next to the model.
+The value head is trained with its own learning rate (its gradient norm is logged as sppo/value_grad_norm) and
+saved as value_head.safetensors next to the model, by save_model and in every checkpoint.
 """
 import tempfile
 
@@ -14,8 +15,9 @@ from datasets import Dataset
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from sppo_fast import synthetic
-from sppo_fast.integrations.trl import SPPOConfig, SPPOTrainer
+from sppo_fast.integrations.trl import SPPOConfig, SPPOTrainer, load_value_head
 from sppo_fast.tiny import build_tokenizer
+from sppo_fast.value_head import ValueHead
 
 
 def progress(completions, answer, **kwargs):
@@ -46,10 +48,12 @@ def main():
         trainer = SPPOTrainer(model=model, reward_funcs=progress, args=args, train_dataset=dataset,
                               processing_class=tokenizer)
         trainer.train()
-        trainer.save_model(out)  # the policy, the tokenizer and value_head.pt
+        trainer.save_model(out)  # the policy (model.safetensors), the tokenizer and value_head.safetensors
+        critic = load_value_head(ValueHead(model.config.hidden_size), out)  # no pickle involved
+        assert all(torch.equal(a, b) for a, b in zip(critic.parameters(), trainer.value_head.parameters()))
     for log in trainer.state.log_history[:-1]:
         print({k: round(log[k], 4) for k in ("step", "loss", "reward", "sppo/value_mean", "sppo/value_loss",
-                                             "sppo/advantage_abs_mean", "entropy")})
+                                             "sppo/value_grad_norm", "sppo/advantage_abs_mean", "entropy")})
 
 
 if __name__ == "__main__":
