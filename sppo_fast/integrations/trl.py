@@ -74,7 +74,7 @@ __all__ = ["FusedLMHeadOutput", "add_fused_lm_head", "FusedGRPOTrainer", "SPPOCo
            "save_value_head", "load_value_head"]
 
 VALUE_HEAD_FILE = "value_head.safetensors"  # the name sppo_fast.train's checkpoints use too
-LEGACY_VALUE_HEAD_FILE = "value_head.pt"  # a torch.save pickle, written by sppo_fast <= 0.1's SPPOTrainer
+LEGACY_VALUE_HEAD_FILE = "value_head.pt"  # a torch.save pickle, written by earlier versions of SPPOTrainer
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -384,12 +384,15 @@ class _ValueHeadGradients(TrainerCallback):
 
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
         trainer = self.trainer
-        grads = [p.grad for p in trainer.value_head.parameters() if p.grad is not None]
+        params = [p for p in trainer.value_head.parameters() if p.requires_grad]
+        if trainer.accelerator.num_processes > 1:
+            for p in params:  # every rank joins every all-reduce, in the same order, even one without a gradient
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+                p.grad.copy_(trainer.accelerator.reduce(p.grad, reduction="mean"))
+        grads = [p.grad for p in params if p.grad is not None]
         if not grads:
             return
-        if trainer.accelerator.num_processes > 1:
-            for g in grads:
-                g.copy_(trainer.accelerator.reduce(g, reduction="mean"))
         norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
         # one host sync per optimizer step, as the Trainer's own grad_norm
         trainer._metrics["train"]["sppo/value_grad_norm"].append(norm.item())
