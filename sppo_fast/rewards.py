@@ -127,10 +127,10 @@ def exact_reward(prompts: list[str], completions: list[str], answer: Sequence[st
 # gsm8k
 
 # One number as written: optional sign, then either digits grouped by commas in threes (1,234,567) or plain
-# digits, then decimals. A comma not followed by exactly three digits ends the number, so "0,5" and "2, 3" are two
-# numbers. A '-' directly after a word character or ')' is a minus sign between terms, not a sign ("16-7").
+# digits, then decimals. "0,5" is not one (nor two); "2, 3" is two. In running text a '-' directly after a word
+# character or ')' is a minus between terms, not a sign ("16-7").
 _NUM = r"(?:\d{1,3}(?:,\d{3})+(?![\d])|\d+)(?:\.\d+)?|\.\d+"
-_NUMBER = re.compile(rf"(?:(?<![\w)])-)?(?:{_NUM})")
+_TOKEN = re.compile(r"(?:(?<![\w)])-)?(?:\d[\d,]*(?:\.\d+)?|\.\d+)")
 _NUMBER_FULL = re.compile(rf"-?(?:{_NUM})")
 # LaTeX thousands separators between digit groups: 1{,}234, 1\,234, 1\!234, 32,\!348.
 _LATEX_THOUSANDS = re.compile(r"(?<=\d)(?:\{,\}|\\,|\\!|,\\!)(?=\d{3}(?!\d))")
@@ -185,8 +185,10 @@ def gsm8k_extract(completion: str) -> Decimal | None:
     box = last_boxed(region)
     if box is not None and (value := _parse_number(box)) is not None:
         return value
-    numbers = _NUMBER.findall(_normalize_numbers(region))
-    return _parse_number(numbers[-1]) if numbers else None
+    # number-like tokens, each read strictly: a malformed grouping such as "0,5" is no number at all
+    numbers = [v for v in (_parse_number(t.rstrip(",")) for t in _TOKEN.findall(_normalize_numbers(region)))
+               if v is not None]
+    return numbers[-1] if numbers else None
 
 
 def gsm8k_reward(prompts: list[str], completions: list[str], answer: Sequence[str] | None = None,
@@ -468,11 +470,12 @@ def split_tests(tests: str | Sequence[str]) -> tuple[str, list[str]]:
 # (sys.exit(0), os._exit(0)), crashing or printing anything is therefore never a pass. The token lives only in the
 # harness frame; before the program runs, an audit hook closes the ways Python code reaches another frame or
 # memory: sys._getframe / _current_frames (ValueError, which logging, typing and namedtuple tolerate), frame
-# attributes of tracebacks and generators, gc.get_objects/get_referrers, settrace/setprofile, ctypes,
-# /proc/*/mem, and signal handlers get no frame. The process is made non-dumpable so its children cannot read its
-# memory either. This keeps the pass signal out of reach of ordinary and casually adversarial code; a program that
-# compromises the interpreter itself could still forge it (the sandbox still contains it). Value-level hacks the
-# tests allow (an object whose __eq__ is always True) are the tests' to prevent.
+# attributes of tracebacks and generators, gc.get_objects/get_referrers, settrace/setprofile, ctypes symbol
+# lookup and raw reads (loading ctypes stays allowed: numpy imports it), /proc/*/mem, and signal handlers get no
+# frame. The process is made non-dumpable so its children cannot read its memory either. This keeps the pass
+# signal out of reach of ordinary and casually adversarial code; a program that compromises the interpreter itself
+# (ctypes.memmove over its own heap) could still forge it, and the sandbox still contains it. Value-level hacks
+# the tests allow (an object whose __eq__ is always True) are the tests' to prevent.
 _HARNESS = r"""
 def _sppo_harness():
     import os, sys
@@ -501,8 +504,6 @@ def _sppo_harness():
         ctypes.CDLL(None).prctl(4, 0, 0, 0, 0)  # PR_SET_DUMPABLE 0: no /proc/<pid>/mem for other processes
     except Exception:
         pass
-    for name in [m for m in sys.modules if m == "ctypes" or m.startswith(("ctypes.", "_ctypes"))]:
-        del sys.modules[name]
     import signal as signal_mod, _signal
 
     def hook(event, args):
@@ -512,8 +513,8 @@ def _sppo_harness():
             if args[1] in ("tb_frame", "gi_frame", "cr_frame", "ag_frame"):
                 raise AttributeError(f"{args[1]} is not readable in the sppo_fast code sandbox")
             return
-        if event in ("sys._current_frames", "sys.settrace", "sys.setprofile", "gc.get_objects",
-                     "gc.get_referrers", "gc.get_referents") or event.startswith("ctypes."):
+        if event in ("sys._current_frames", "sys.settrace", "sys.setprofile", "gc.get_objects", "gc.get_referrers",
+                     "gc.get_referents", "ctypes.dlsym", "ctypes.cdata", "ctypes.string_at", "ctypes.wstring_at"):
             raise RuntimeError(f"{event} is disabled in the sppo_fast code sandbox")
         if event == "open" and isinstance(args[0], (str, bytes)):
             path = os.fsdecode(args[0])
@@ -702,8 +703,8 @@ def compute_rewards(fn: RewardFn, prompts: Sequence[str], completions: Sequence[
         if isinstance(r, bool):
             r = float(r)
         if r is None:
-            raise ValueError(f"reward fn {name} could not grade sample {i} (returned None: its gold answer or "
-                             f"tests are missing); fix or drop that row (rewards.check_rows finds them before a run)")
+            raise ValueError(f"reward fn {name} returned None for sample {i}: it could not grade it (its gold answer "
+                             f"or tests are missing); fix or drop that row (rewards.check_rows finds them before a run)")
         if not isinstance(r, (int, float)) and not hasattr(r, "__float__"):
             raise ValueError(f"reward fn {name} returned {r!r} for sample {i}; expected a finite float")
         v = float(r)
