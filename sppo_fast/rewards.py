@@ -134,7 +134,7 @@ _TOKEN = re.compile(r"(?:(?<![\w)])-)?(?:\d[\d,]*(?:\.\d+)?|\.\d+)")
 _NUMBER_FULL = re.compile(rf"-?(?:{_NUM})")
 # LaTeX thousands separators between digit groups: 1{,}234, 1\,234, 1\!234, 32,\!348.
 _LATEX_THOUSANDS = re.compile(r"(?<=\d)(?:\{,\}|\\,|\\!|,\\!)(?=\d{3}(?!\d))")
-_MARKER = re.compile(r"^[ \t]*####[ \t]*(.*?)[ \t]*$", re.MULTILINE)
+_MARKER = re.compile(r"^[ \t]*####(.*)$", re.MULTILINE)  # greedy: no backtracking on long lines
 
 
 def _normalize_numbers(text: str) -> str:
@@ -286,6 +286,14 @@ sys.stdout.flush()
 for line in sys.stdin:
     req = json.loads(line)
     t = max(1, int(req["t"]))
+    # CPU-time fuse per request: the kernel ends a comparison that outlives its parent (which would kill it)
+    used = resource.getrusage(resource.RUSAGE_SELF)
+    soft = int(used.ru_utime + used.ru_stime) + 3 * t + 5
+    hard = resource.getrlimit(resource.RLIMIT_CPU)[1]
+    try:
+        resource.setrlimit(resource.RLIMIT_CPU, (soft if hard == resource.RLIM_INFINITY else min(soft, hard), hard))
+    except (ValueError, OSError):
+        pass
     try:
         g = parse(req["g"], parsing_timeout=t)
         p = parse(req["p"], parsing_timeout=t)
@@ -607,9 +615,16 @@ _BUILTIN_FNS: dict[str, RewardFn] = {
 assert set(_BUILTIN_FNS) == BUILTIN
 
 
-def get_reward_fn(spec: str) -> RewardFn:
-    """Resolve a reward spec: a builtin name (``BUILTIN``), ``package.module:fn``, or ``path/to/file.py:fn``."""
+def get_reward_fn(spec: str, *, code_sandbox: str | None = None) -> RewardFn:
+    """Resolve a reward spec: a builtin name (``BUILTIN``), ``package.module:fn``, or ``path/to/file.py:fn``.
+
+    ``code_sandbox`` (``sandbox.MODES``: "namespaces" or "none") sets how the builtin ``code`` reward contains the
+    programs it runs; None keeps its default ("namespaces"). Other rewards run no code and ignore it."""
     spec = spec.strip()
+    if code_sandbox is not None and code_sandbox not in sandbox_mod.MODES:
+        raise ValueError(f"unknown code sandbox {code_sandbox!r}; use one of {sandbox_mod.MODES}")
+    if spec == "code" and code_sandbox is not None:
+        return functools.partial(code_reward, sandbox=code_sandbox)
     if spec in _BUILTIN_FNS:
         return _BUILTIN_FNS[spec]
     if ":" not in spec:

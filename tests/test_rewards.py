@@ -315,6 +315,15 @@ def test_code_sandbox_opt_out_and_unknown_mode():
         score(R.code_reward, [GOOD_ADD], tests=[ADD_TESTS], sandbox="docker")
 
 
+def test_get_reward_fn_passes_the_code_sandbox_choice():
+    fn = R.get_reward_fn("code", code_sandbox="none")
+    assert fn.keywords == {"sandbox": "none"} and fn(["p"], [GOOD_ADD], tests=[ADD_TESTS]) == [1.0]
+    assert R.get_reward_fn("code") is R.code_reward
+    assert R.get_reward_fn("math", code_sandbox="none") is R.math_reward
+    with pytest.raises(ValueError, match="unknown code sandbox 'docker'"):
+        R.get_reward_fn("code", code_sandbox="docker")
+
+
 def test_extract_code_joins_python_blocks_in_order():
     text = "```\nplain\n```\n```python\nfirst = 1\n```\ntext\n```python\nsecond = 2\n```"
     assert R.extract_code(text) == "first = 1\n\nsecond = 2\n"
