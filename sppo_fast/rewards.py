@@ -475,44 +475,57 @@ def split_tests(tests: str | Sequence[str]) -> tuple[str, list[str]]:
 # The harness the sandbox runs (`python -I -c HARNESS <channel fd>`). The verdict: the parent sends 32 random
 # bytes first on stdin, and counts a pass only when exactly those bytes come back on the result channel, which the
 # harness writes after the tests, then exits at once (os._exit: no atexit hooks, no finalisers). Exiting early
-# (sys.exit(0), os._exit(0)), crashing or printing anything is therefore never a pass. The token lives only in the
-# harness frame; before the program runs, an audit hook closes the ways Python code reaches another frame or
-# memory: sys._getframe / _current_frames (ValueError, which logging, typing and namedtuple tolerate), frame
-# attributes of tracebacks and generators, gc.get_objects/get_referrers, settrace/setprofile, ctypes symbol
-# lookup and raw reads (loading ctypes stays allowed: numpy imports it), /proc/*/mem, and signal handlers get no
-# frame. The process is made non-dumpable so its children cannot read its memory either. This keeps the pass
-# signal out of reach of ordinary and casually adversarial code; a program that compromises the interpreter itself
-# (ctypes.memmove over its own heap) could still forge it, and the sandbox still contains it. Value-level hacks
-# the tests allow (an object whose __eq__ is always True) are the tests' to prevent.
+# (sys.exit(0), os._exit(0)), crashing or printing anything is therefore never a pass.
+# Keeping the token out of the program's reach: the program and tests run on a worker thread whose bottom frame
+# takes the token from a C queue only once it is running (so no Thread attribute holds it), and the main thread
+# keeps nothing (signal handlers, which run on the main thread with its frame, find no token there). Before the
+# program runs, an audit hook closes the ways Python code reaches a frame or raw memory: sys._getframe /
+# _current_frames (ValueError, which logging, typing and namedtuple tolerate), the frame attributes of tracebacks,
+# generators and coroutines, gc.get_objects/get_referrers, settrace/setprofile, ctypes symbol lookup and raw reads
+# (loading ctypes stays allowed: numpy imports it) and /proc/*/mem; the process is non-dumpable, so its children
+# cannot read its memory either. This stops ordinary and casually adversarial code; a program that corrupts the
+# interpreter itself (ctypes.memmove over its own heap) could still forge a pass, and the sandbox still contains
+# it. Value-level hacks the tests allow (an object whose __eq__ is always True) are the tests' to prevent.
 _HARNESS = r"""
-def _sppo_harness():
-    import os, sys
-    fd = int(sys.argv[1])
-    del sys.argv[1:]
-    write, exit_, read = os.write, os._exit, os.read
-    chunks = []
-    while True:
-        chunk = read(0, 1 << 20)
-        if not chunk:
-            break
-        chunks.append(chunk)
-    data = b"".join(chunks)
+def _sppo_run(box, fd):
+    import json, os
+    write, exit_ = os.write, os._exit
+    data = box.get()
     token = data[:32]
-    import json
     job = json.loads(data[32:].decode("utf-8"))
-    del data, chunks
+    del data
     try:
         program = compile(job["code"], "<completion>", "exec")
         tests = compile(job["tests"], "<tests>", "exec")
     except (SyntaxError, ValueError):
         exit_(1)
     del job
+    ns = {"__name__": "__solution__", "__builtins__": __builtins__}
+    exec(program, ns)
+    exec(tests, ns)
+    write(fd, token)
+    exit_(0)
+
+
+def _sppo_main():
+    import os, sys, threading
+    from queue import SimpleQueue
+    fd = int(sys.argv[1])
+    del sys.argv[1:]
+    chunks = []
+    while True:
+        chunk = os.read(0, 1 << 20)
+        if not chunk:
+            break
+        chunks.append(chunk)
+    box = SimpleQueue()
+    box.put(b"".join(chunks))
+    del chunks
     try:
         import ctypes
         ctypes.CDLL(None).prctl(4, 0, 0, 0, 0)  # PR_SET_DUMPABLE 0: no /proc/<pid>/mem for other processes
     except Exception:
         pass
-    import signal as signal_mod, _signal
 
     def hook(event, args):
         if event == "sys._getframe":
@@ -529,25 +542,15 @@ def _sppo_harness():
             if os.path.basename(path.rstrip("/")) in ("mem", "pagemap") or "/proc/" in path and "/mem" in path:
                 raise PermissionError(f"{path} is not readable in the sppo_fast code sandbox")
 
-    real_signal = _signal.signal
-
-    def signal(signum, handler):  # handlers run with no frame, so they cannot walk to this harness
-        if callable(handler):
-            user = handler
-            handler = lambda s, _frame: user(s, None)
-        return real_signal(signum, handler)
-
-    signal_mod.signal = _signal.signal = signal
     sys.addaudithook(hook)
-    del hook, signal, real_signal, signal_mod, _signal
-    ns = {"__name__": "__solution__", "__builtins__": __builtins__}
-    exec(program, ns)
-    exec(tests, ns)
-    write(fd, token)
-    exit_(0)
+    worker = threading.Thread(target=_sppo_run, args=(box, fd), name="solution")
+    del box, hook
+    worker.start()
+    worker.join()
+    os._exit(1)  # the worker exits the process itself when the tests pass
 
 
-_sppo_harness()
+_sppo_main()
 """
 
 

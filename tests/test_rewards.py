@@ -286,9 +286,12 @@ def test_code_pass_token_is_out_of_the_programs_reach(route, monkeypatch):
               "while 'token' not in f.f_locals:\n    f = f.f_back\n"
               "os.write(f.f_locals['fd'], f.f_locals['token'])\nos._exit(0)\n")
     assert score(R.code_reward, [attack], tests=[ADD_TESTS]) == [0.0]
-    unguarded = R._HARNESS.replace("sys.addaudithook(hook)", "pass").replace(
-        "signal_mod.signal = _signal.signal = signal", "pass")
-    monkeypatch.setattr(R, "_HARNESS", unguarded)
+    if route == "signal handler":  # closed by design (the main thread holds no token), not by the audit hook
+        inline = R._HARNESS.replace("    worker.start()\n    worker.join()\n", "    _sppo_run(box, fd)\n")
+        inline = inline.replace("    del box, hook\n", "    del hook\n")
+        monkeypatch.setattr(R, "_HARNESS", inline.replace("sys.addaudithook(hook)", "pass"))
+    else:
+        monkeypatch.setattr(R, "_HARNESS", R._HARNESS.replace("sys.addaudithook(hook)", "pass"))
     assert score(R.code_reward, [attack], tests=[ADD_TESTS]) == [1.0], "control: the attack works unguarded"
 
 
