@@ -310,6 +310,7 @@ class _Grader:
         self.proc = subprocess.Popen([sys.executable, "-c", _GRADER, str(os.getpid())], stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
         self.buf = b""
+        self.ready = False
 
     def ask(self, request: dict | None, timeout: float) -> bool | None:
         """The verdict, or None when the grader did not answer within ``timeout`` (it is then killed). With
@@ -330,7 +331,10 @@ class _Grader:
                 return None
             self.buf += chunk
         line, self.buf = self.buf.split(b"\n", 1)
-        return line.strip() in (b"1", b"ready")
+        if request is None:
+            self.ready = line.strip() == b"ready"
+            return self.ready
+        return line.strip() == b"1"
 
     def close(self) -> None:
         if self.proc.poll() is None:
@@ -338,9 +342,17 @@ class _Grader:
         self.proc.wait()
 
 
+def _grader_failed() -> RuntimeError:
+    probe = subprocess.run([sys.executable, "-c", "import math_verify"], capture_output=True, text=True)
+    why = probe.stderr.strip().splitlines()[-1] if probe.stderr.strip() else f"exit status {probe.returncode}"
+    return RuntimeError(f"the math grader process could not start ({why}); the math reward needs math-verify "
+                        f"importable by {sys.executable}")
+
+
 class _GraderPool:
-    """Idle grader processes, one per concurrent caller, started on demand and reused; a grader that times out is
-    killed and replaced by the next call. Reset after a fork (a child must not share its parent's pipes)."""
+    """Idle grader processes, one per concurrent caller, started on demand and reused. A grader that times out is
+    killed and a replacement started at once, so its start-up (~1 s: python + sympy) overlaps the next samples.
+    Reset after a fork (a child must not share its parent's pipes)."""
 
     def __init__(self):
         self.lock = threading.Lock()
@@ -355,17 +367,17 @@ class _GraderPool:
         try:
             if grader is None or grader.proc.poll() is not None:
                 grader = _Grader()
-                # start-up (python + sympy import, ~1 s) is waited for apart, so the sample's limit is its own
-                if not grader.ask(None, 60.0):
-                    return None
+            # start-up is waited for apart, so the sample's limit is its own
+            if not grader.ready and not grader.ask(None, 60.0):
+                raise _grader_failed()
             verdict = grader.ask(request, timeout)
-        except OSError:  # could not start, or a broken pipe to a dead grader
+        except OSError:  # a broken pipe to a grader that died: no verdict, and a fresh one next time
             if grader is not None:
                 grader.close()
             return None
-        if verdict is not None:
-            with self.lock:
-                self.idle.append(grader)
+        replacement = grader if verdict is not None else _Grader()
+        with self.lock:
+            self.idle.append(replacement)
         return verdict
 
     def close(self) -> None:

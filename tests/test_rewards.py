@@ -187,6 +187,13 @@ def test_math_pathological_answer_is_bounded_in_a_worker_process():
     assert out == [0.0] and took < 2.0, took
 
 
+def test_math_grader_that_cannot_start_is_a_clear_error(monkeypatch):
+    monkeypatch.setattr(R, "_POOL", R._GraderPool())
+    monkeypatch.setattr(R, "_GRADER", "raise SystemExit(1)")
+    with pytest.raises(RuntimeError, match="math grader process could not start"):
+        score(R.math_reward, [r"\boxed{1}"], answer=["1"])
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # code
 
