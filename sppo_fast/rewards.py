@@ -734,7 +734,8 @@ def compute_rewards(fn: RewardFn, prompts: Sequence[str], completions: Sequence[
             r = float(r)
         if r is None:
             raise ValueError(f"reward fn {name} returned None for sample {i}: it could not grade it (its gold answer "
-                             f"or tests are missing); fix or drop that row (rewards.check_rows finds them before a run)")
+                             f"or tests are missing; prompt {_head(prompts[i] if i < len(prompts) else '')}); fix or "
+                             f"drop that row (rewards.check_rows finds such rows before a run)")
         if not isinstance(r, (int, float)) and not hasattr(r, "__float__"):
             raise ValueError(f"reward fn {name} returned {r!r} for sample {i}; expected a finite float")
         v = float(r)

@@ -357,8 +357,8 @@ def test_required_columns_and_check_rows():
 
 
 def test_compute_rewards_names_an_ungradable_sample():
-    with pytest.raises(ValueError, match=r"returned None for sample 1: it could not grade it .*gold answer"):
-        R.compute_rewards(R.gsm8k_reward, ["q", "q"], ["#### 1", "#### 2"], {"answer": ["1", None]})
+    with pytest.raises(ValueError, match=r"returned None for sample 1: it could not grade it .*gold answer.*'q2'"):
+        R.compute_rewards(R.gsm8k_reward, ["q1", "q2"], ["#### 1", "#### 2"], {"answer": ["1", None]})
 
 
 # ----------------------------------------------------------------------------------------------------------------
