@@ -43,6 +43,7 @@ import subprocess
 import sys
 import threading
 import time
+import warnings
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -457,11 +458,18 @@ def extract_code(completion: str) -> str:
     kept = []
     for block in blocks:
         try:
-            ast.parse(block)
-        except (SyntaxError, ValueError):
+            ast.parse(block, _BLOCK_FILENAME)
+        except (SyntaxError, ValueError, RecursionError, MemoryError):  # the last two: pathological nesting
             continue
         kept.append(block)
     return "\n".join(kept)
+
+
+# Model code parsed here must not print warnings ("invalid escape sequence") into the trainer's output; the
+# filter matches only code parsed under this name.
+_BLOCK_FILENAME = "<sppo_code_block>"
+for _category in (SyntaxWarning, DeprecationWarning):
+    warnings.filterwarnings("ignore", category=_category, module=re.escape(_BLOCK_FILENAME))
 
 
 def split_tests(tests: str | Sequence[str]) -> tuple[str, list[str]]:
