@@ -470,6 +470,7 @@ def extract_code(completion: str) -> str:
 _BLOCK_FILENAME = "<sppo_code_block>"
 for _category in (SyntaxWarning, DeprecationWarning):
     warnings.filterwarnings("ignore", category=_category, module=re.escape(_BLOCK_FILENAME))
+del _category
 
 
 def split_tests(tests: str | Sequence[str]) -> tuple[str, list[str]]:
