@@ -21,8 +21,8 @@ anything only root may read), CPU and memory use up to the limits above (worst c
 memory for ``timeout`` seconds), and kernel exploits: it is process isolation, not a VM. Run untrusted model code
 on machines you are willing to lose anyway.
 
-``mode="none"`` is the explicit opt-out: a plain subprocess with the same rlimits and a killed process group, for
-hosts without namespaces (some containers); it contains nothing.
+``mode="none"`` is the explicit opt-out: a plain subprocess with the same rlimits, a fresh temp dir as its working
+dir and a killed process group, for hosts without namespaces (some containers); it contains nothing.
 """
 from __future__ import annotations
 
@@ -34,6 +34,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 from dataclasses import dataclass
 
 MODES = ("namespaces", "none")
@@ -223,16 +224,25 @@ def run(source: str, stdin: bytes = b"", *, mode: str = "namespaces", limits: Li
     """
     if mode not in MODES:
         raise ValueError(f"unknown sandbox mode {mode!r}; use one of {MODES}")
+    if mode == "none":  # still a fresh empty working dir, removed afterwards (but nothing stops writes elsewhere)
+        with tempfile.TemporaryDirectory(prefix="sppo_code_") as work:
+            return _run(source, stdin, mode, limits, channel, work)
+    return _run(source, stdin, mode, limits, channel, None)
+
+
+def _run(source: str, stdin: bytes, mode: str, limits: Limits, channel: bool, work: str | None) -> Result:
     r_fd = w_fd = None
     if channel:
         r_fd, w_fd = os.pipe()
     fd = -1 if w_fd is None else w_fd
+    env = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"}
+    if work is not None:
+        env.update(HOME=work, TMPDIR=work, OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1", MKL_NUM_THREADS="1")
     try:
         cmd = _namespaces_cmd(source, limits, fd) if mode == "namespaces" else _none_cmd(source, limits, fd)
         proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
                                 stderr=subprocess.PIPE if mode == "namespaces" else subprocess.DEVNULL,
-                                start_new_session=True, pass_fds=() if w_fd is None else (w_fd,),
-                                env={"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"})
+                                start_new_session=True, pass_fds=() if w_fd is None else (w_fd,), env=env, cwd=work)
     except BaseException as e:
         for x in (r_fd, w_fd):
             if x is not None:

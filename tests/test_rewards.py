@@ -2,6 +2,7 @@
 code harness's pass signal, plugin loading, and compute_rewards validation (CPU, ~30 s)."""
 import concurrent.futures
 import math
+import os
 import textwrap
 import time
 
@@ -252,11 +253,13 @@ def test_code_infinite_loop_times_out_fast():
     assert time.perf_counter() - t0 < 4.0
 
 
-def test_code_runs_in_empty_dir_without_parent_env(monkeypatch):
+@pytest.mark.parametrize("sandbox", ["namespaces", "none"])
+def test_code_runs_in_empty_dir_without_parent_env(monkeypatch, sandbox):
     monkeypatch.setenv("SPPO_SECRET", "x")
     probe = ("import os\nassert os.listdir('.') == []\nassert 'SPPO_SECRET' not in os.environ\n"
-             "def add(a, b): return a + b")
-    assert score(R.code_reward, [probe], tests=[ADD_TESTS]) == [1.0]
+             "open('scratch.txt', 'w').write('x')\ndef add(a, b): return a + b")
+    assert score(R.code_reward, [probe], tests=[ADD_TESTS], sandbox=sandbox) == [1.0]
+    assert not os.path.exists("scratch.txt")
 
 
 def test_code_stdlib_users_of_frames_still_work():
