@@ -2,46 +2,86 @@
 
 Every reward follows the TRL convention::
 
-    fn(prompts: list[str], completions: list[str], **columns) -> list[float]
+    fn(prompts: list[str], completions: list[str], **columns) -> list[float | None]
 
 where ``columns`` are the dataset's other fields as lists aligned with ``completions`` (``answer=[...]``,
-``tests=[...]``). Reward fns accept and ignore columns they do not use, so one call site serves them all.
+``tests=[...]``). Reward fns accept and ignore columns they do not use, so one call site serves them all. A
+sample the reward cannot grade (its gold answer or tests are missing) is ``None``, as in TRL; never a score.
 
-Built-ins (``BUILTIN``):
+Built-ins (``BUILTIN``); what each grades is decided here, the comparison is exact (GSM8K) or math-verify (MATH):
 
 - ``exact`` (``exact_reward``): synthetic task; text after the last ';' equals ``answer`` (after strip).
 - ``gsm8k`` (``gsm8k_reward``): numeric match against a GSM8K answer (``42`` or a solution ending ``#### 42``).
-- ``math`` (``math_reward``): last ``\\boxed{...}`` checked against ``answer`` with math-verify.
-- ``code`` (``code_reward``): the completion's code run against the row's ``tests`` in a subprocess
-  (timeout, rlimits, no network).
+- ``math`` (``math_reward``): the final ``\\boxed`` answer checked against ``answer`` with math-verify, in a
+  grader process with a wall-clock limit.
+- ``code`` (``code_reward``): the completion's program run against the row's ``tests`` in the code sandbox
+  (``sppo_fast.sandbox``: mount/PID/network namespaces, rlimits, killed as a whole at the timeout).
+
+The answer region of a completion (``final_region``): the text after its last ``</think>``; a completion that
+opens ``<think>`` and never closes it has no answer (it ran out of tokens while thinking) and scores 0.
 
 ``get_reward_fn(spec)`` resolves a builtin name or a plugin ``module:fn`` / ``path/to/file.py:fn``;
 ``compute_rewards`` calls a reward fn and validates what it returns, so a buggy plugin fails loudly with the
-offending sample instead of silently poisoning the value head.
+offending sample instead of silently poisoning the value head. ``required_columns`` / ``check_rows`` let a caller
+validate a dataset against a builtin reward before loading a model.
 """
 from __future__ import annotations
 
 import ast
+import atexit
 import concurrent.futures
 import functools
 import importlib
 import importlib.util
+import json
 import math
 import os
 import re
 import secrets
-import shutil
+import select
 import subprocess
 import sys
-import tempfile
 import threading
+import time
+import warnings
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+from sppo_fast import sandbox as sandbox_mod
+
 RewardFn = Callable[..., Sequence[float]]
 
 BUILTIN = {"exact", "gsm8k", "math", "code"}
+
+# The dataset column each builtin grades against (``data`` maps the user's field to this name).
+_REQUIRED = {"exact": ("answer",), "gsm8k": ("answer",), "math": ("answer",), "code": ("tests",)}
+
+
+def required_columns(spec: str) -> tuple[str, ...]:
+    """Columns the reward ``spec`` reads from each row: ``("answer",)`` for exact/gsm8k/math, ``("tests",)`` for
+    code, ``()`` for a plugin (it declares nothing)."""
+    return _REQUIRED.get(spec.strip(), ())
+
+
+def check_rows(spec: str, rows: Sequence[dict], *, where: str = "dataset") -> None:
+    """Raise ValueError naming the first row that a builtin reward could not grade (column absent or empty), so a
+    run fails before its model loads rather than training on samples that can never score."""
+    for column in required_columns(spec):
+        for i, row in enumerate(rows):
+            value = row.get(column)
+            if _missing(value) or isinstance(value, (list, tuple)) and not value:
+                raise ValueError(f"{where} row {i}: reward '{spec}' needs a non-empty '{column}' column, got "
+                                 f"{value!r} (row keys: {sorted(row)})")
+
+
+def _missing(value: Any) -> bool:
+    """A gold that is not there: None, NaN (pandas' missing), or blank text."""
+    if value is None:
+        return True
+    if isinstance(value, float) and math.isnan(value):
+        return True
+    return isinstance(value, str) and not value.strip()
 
 
 def _column(values: Sequence | None, name: str, n: int, reward: str, other: dict[str, Any]) -> list:
@@ -57,158 +97,380 @@ def _column(values: Sequence | None, name: str, n: int, reward: str, other: dict
     return values
 
 
+def final_region(completion: str) -> str | None:
+    """The part of a completion that holds its final answer: the text after the last ``</think>`` when there is
+    one (chat templates often open ``<think>`` in the prompt, so only the close is required), the whole text when
+    there are no think tags, and None when a ``<think>`` is opened and never closed (no answer was given)."""
+    if "</think>" in completion:
+        return completion.rsplit("</think>", 1)[1]
+    if "<think>" in completion:
+        return None
+    return completion
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # exact (synthetic task)
 
 
 def exact_reward(prompts: list[str], completions: list[str], answer: Sequence[str] | None = None,
-                 **kwargs) -> list[float]:
+                 **kwargs) -> list[float | None]:
     """1.0 when the completion's final answer (text after its last ';', see ``synthetic.extract_answer``)
-    equals the ``answer`` column after stripping whitespace, else 0.0."""
+    equals the ``answer`` column after stripping whitespace, else 0.0; None when the gold is missing."""
     from sppo_fast import synthetic  # lazy: the synthetic task module is optional for file datasets
 
     answers = _column(answer, "answer", len(completions), "exact", kwargs)
     # synthetic.is_correct is the task's own checker, so the reward and the task cannot drift apart.
-    return [1.0 if synthetic.is_correct(c, str(gold)) else 0.0 for c, gold in zip(completions, answers)]
+    return [None if _missing(gold) else 1.0 if synthetic.is_correct(c, str(gold)) else 0.0
+            for c, gold in zip(completions, answers)]
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # gsm8k
 
-# A number as written in word problems: optional sign, thousands separators, decimals. The comma form is tried
-# first so "1,234" is one number rather than "1" and "234".
-_NUMBER = re.compile(r"-?\d{1,3}(?:,\d{3})+(?:\.\d+)?|-?\d+(?:\.\d+)?|-?\.\d+")
+# One number as written: optional sign, then either digits grouped by commas in threes (1,234,567) or plain
+# digits, then decimals. "0,5" is not one (nor two); "2, 3" is two. In running text a '-' directly after a word
+# character or ')' is a minus between terms, not a sign ("16-7").
+_NUM = r"(?:\d{1,3}(?:,\d{3})+(?![\d])|\d+)(?:\.\d+)?|\.\d+"
+_TOKEN = re.compile(r"(?:(?<![\w)])-)?(?:\d[\d,]*(?:\.\d+)?|\.\d+)")
+_NUMBER_FULL = re.compile(rf"-?(?:{_NUM})")
+# LaTeX thousands separators between digit groups: 1{,}234, 1\,234, 1\!234, 32,\!348.
+_LATEX_THOUSANDS = re.compile(r"(?<=\d)(?:\{,\}|\\,|\\!|,\\!)(?=\d{3}(?!\d))")
+_MARKER = re.compile(r"^[ \t]*####(.*)$", re.MULTILINE)  # greedy: no backtracking on long lines
 
 
-def _to_decimal(text: str) -> Decimal | None:
-    """Parse a GSM8K-style number: drops '$', ',', whitespace and a trailing '.'; '18.0' == '18'."""
-    s = text.strip().replace(",", "").replace("$", "").replace(" ", "").rstrip(".")
-    if not s:
+def _normalize_numbers(text: str) -> str:
+    return _LATEX_THOUSANDS.sub(",", text).replace("\\$", "$").replace("\\%", "%")
+
+
+def _parse_number(text: str) -> Decimal | None:
+    """``text`` as one number, or None when it is anything else: '$1,234.', '18.0', '-4', '50%' parse; '0,5',
+    '2, 3', 'Step 2', '18 eggs' do not."""
+    s = _normalize_numbers(text).strip().strip("*").strip()  # markdown bold around the number
+    s = s.removeprefix("$").strip()
+    s = s.rstrip(".").removesuffix("%").strip()
+    if not _NUMBER_FULL.fullmatch(s):
         return None
     try:
-        value = Decimal(s)
+        value = Decimal(s.replace(",", ""))
     except InvalidOperation:
-        # "#### 18 eggs" or "#### $18.00." — take the first number in what follows the marker
-        m = _NUMBER.search(text.replace("$", ""))
-        if m is None:
-            return None
-        try:
-            value = Decimal(m.group(0).replace(",", ""))
-        except InvalidOperation:
-            return None
+        return None
     return value if value.is_finite() else None
 
 
-def gsm8k_gold(answer: str) -> Decimal | None:
-    """The numeric ground truth from a GSM8K answer: the text after the last '####', or the whole string."""
+def gsm8k_gold(answer: Any) -> Decimal | None:
+    """The numeric ground truth from a GSM8K answer: the line after its last '####', or the whole string; None
+    when it is missing or not one number."""
+    if _missing(answer):
+        return None
     text = str(answer)
     if "####" in text:
-        text = text.rsplit("####", 1)[1]
-    return _to_decimal(text)
+        text = text.rsplit("####", 1)[1].strip().split("\n", 1)[0]
+    return _parse_number(text)
 
 
 def gsm8k_extract(completion: str) -> Decimal | None:
-    """The completion's answer: the text after its last '####' if it has one, else the last number in it.
+    """The completion's answer, looked for in its answer region (``final_region``), in order:
 
-    The last-number fallback is how GSM8K is usually scored for chat models that answer in prose
-    ("... so she has 18 eggs left."), at the cost of crediting a stray trailing number.
+    1. the last line that is exactly a GSM8K answer marker, ``#### <number>``; a markdown heading such as
+       ``#### Step 2`` or ``#### Final Answer`` is not a marker;
+    2. the last ``\\boxed{...}`` whose content is one number;
+    3. the last number in the region (how GSM8K is usually scored for chat models that answer in prose, at the
+       cost of crediting a stray trailing number).
     """
-    if "####" in completion:
-        tail = completion.rsplit("####", 1)[1].strip().splitlines()
-        return _to_decimal(tail[0]) if tail else None
-    numbers = _NUMBER.findall(completion)
-    return _to_decimal(numbers[-1]) if numbers else None
+    region = final_region(completion)
+    if region is None:
+        return None
+    markers = [v for v in (_parse_number(m) for m in _MARKER.findall(region)) if v is not None]
+    if markers:
+        return markers[-1]
+    box = last_boxed(region)
+    if box is not None and (value := _parse_number(box)) is not None:
+        return value
+    # number-like tokens, each read strictly: a malformed grouping such as "0,5" is no number at all
+    numbers = [v for v in (_parse_number(t.rstrip(",")) for t in _TOKEN.findall(_normalize_numbers(region)))
+               if v is not None]
+    return numbers[-1] if numbers else None
 
 
 def gsm8k_reward(prompts: list[str], completions: list[str], answer: Sequence[str] | None = None,
-                 **kwargs) -> list[float]:
+                 **kwargs) -> list[float | None]:
     """1.0 when the completion's number (see ``gsm8k_extract``) equals the gold number, compared exactly as
-    decimals after normalising commas, '$' and trailing '.' / '.0'; else 0.0."""
+    decimals ('18.0' == '18', '$1,234' == '1234'); else 0.0; None when the gold is missing or not a number.
+
+    Pure string work in linear time (no sympy), so it needs no separate time bound."""
     answers = _column(answer, "answer", len(completions), "gsm8k", kwargs)
-    out = []
+    out: list[float | None] = []
     for completion, gold in zip(completions, answers):
-        g, p = gsm8k_gold(gold), gsm8k_extract(completion)
-        out.append(1.0 if g is not None and p is not None and g == p else 0.0)
+        g = gsm8k_gold(gold)
+        if g is None:
+            out.append(None)
+            continue
+        p = gsm8k_extract(completion)
+        out.append(1.0 if p is not None and g == p else 0.0)
     return out
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# math (MATH / boxed answers, checked by math-verify)
+# math (MATH / boxed answers, checked by math-verify in a bounded grader process)
 
-# Answers longer than this are not parsed: a correct MATH answer is short, and sympy on a pathological
-# multi-kilobyte expression can take minutes, which matters off the main thread where no timeout applies.
+# Answers longer than this are not parsed: a correct MATH answer is short. The grader's wall-clock limit is the
+# real bound; this only saves sending megabytes to it.
 MAX_BOXED_CHARS = 1000
+
+_BOX = re.compile(r"\\(?:boxed|fbox)(?![A-Za-z])")
 
 
 def last_boxed(text: str) -> str | None:
-    """Content of the last ``\\boxed{...}`` (or ``\\fbox{...}``) in ``text``, matching nested braces; None if
-    there is none or its braces never close."""
-    starts = [m.end() for m in re.finditer(r"\\(?:boxed|fbox)\s*\{", text)]
-    if not starts:
+    """Content of the last ``\\boxed{...}`` / ``\\fbox{...}`` in ``text`` (nested braces matched), or of a
+    brace-less ``\\boxed 5`` (up to the next '$' or line end, as in the MATH reference code); None if there is none
+    or its braces never close."""
+    matches = list(_BOX.finditer(text))
+    if not matches:
         return None
-    start = starts[-1]
-    depth = 1
-    for i in range(start, len(text)):
-        c = text[i]
-        if c == "{":
-            depth += 1
-        elif c == "}":
-            depth -= 1
-            if depth == 0:
-                return text[start:i]
-    return None
+    i = matches[-1].end()
+    while i < len(text) and text[i] in " \t":
+        i += 1
+    if i < len(text) and text[i] == "{":
+        depth = 1
+        for j in range(i + 1, len(text)):
+            c = text[j]
+            if c == "{":
+                depth += 1
+            elif c == "}":
+                depth -= 1
+                if depth == 0:
+                    return text[i + 1:j]
+        return None
+    rest = re.split(r"\$|\n|\\\]|\\\)", text[i:], maxsplit=1)[0].strip().rstrip(".")
+    return rest or None
 
 
-def _math_verify_timeout() -> int | None:
-    # math-verify times out with signal.alarm, which only works on the main thread; elsewhere it raises.
-    # Off the main thread we pass None (no timeout) and rely on MAX_BOXED_CHARS to bound the work.
-    return 5 if threading.current_thread() is threading.main_thread() else None
+def math_gold(answer: Any) -> str | None:
+    """A MATH gold answer as bare LaTeX for math-verify: the last ``\\boxed`` of a full solution, math delimiters
+    and escaped dollars (``\\$18.90``: a currency sign) removed; None when missing."""
+    if _missing(answer):
+        return None
+    text = str(answer).strip()
+    if _BOX.search(text):
+        text = last_boxed(text) or ""
+    text = _strip_math(text)
+    return text or None
 
 
-def math_equal(pred: str, gold: str) -> bool:
-    """Whether the answer ``pred`` (a boxed body) is mathematically equal to ``gold`` per math-verify.
+def _strip_math(text: str) -> str:
+    text = text.replace("\\$", "").strip()
+    for left, right in (("$$", "$$"), ("$", "$"), ("\\(", "\\)"), ("\\[", "\\]")):
+        if text.startswith(left) and text.endswith(right) and len(text) >= len(left) + len(right):
+            text = text[len(left):len(text) - len(right)].strip()
+    return text
 
-    ``gold`` may be bare LaTeX (``\\frac{1}{2}``), ``$...$``-wrapped, or contain ``\\boxed{...}``; bare answers
-    are wrapped in ``$...$`` because math-verify's LaTeX extractor looks for math delimiters.
+
+# The grader process: math-verify (sympy) on the main thread of a child, so its own signal timeouts work, and a
+# parent that kills it at the wall-clock limit, which bounds even work that never returns to the interpreter (a
+# C-level bignum power from 9^{9^{9}}) and works from any thread or worker process. One JSON line in, "1"/"0" out.
+_GRADER = r"""
+import json, os, resource, sys, threading
+try:
+    resource.setrlimit(resource.RLIMIT_AS, (4 << 30, 4 << 30))
+except (ValueError, OSError):
+    pass
+parent = int(sys.argv[1])
+def watch():  # exit when the trainer is gone (a parent killed with SIGKILL never closes our stdin otherwise)
+    import time
+    while os.getppid() == parent:
+        time.sleep(1.0)
+    os._exit(0)
+threading.Thread(target=watch, daemon=True).start()
+from math_verify import parse, verify
+sys.stdout.write("ready\n")
+sys.stdout.flush()
+for line in sys.stdin:
+    req = json.loads(line)
+    t = max(1, int(req["t"]))
+    # CPU-time fuse per request: the kernel ends a comparison that outlives its parent (which would kill it)
+    used = resource.getrusage(resource.RUSAGE_SELF)
+    soft = int(used.ru_utime + used.ru_stime) + 3 * t + 5
+    hard = resource.getrlimit(resource.RLIMIT_CPU)[1]
+    try:
+        resource.setrlimit(resource.RLIMIT_CPU, (soft if hard == resource.RLIM_INFINITY else min(soft, hard), hard))
+    except (ValueError, OSError):
+        pass
+    try:
+        g = parse(req["g"], parsing_timeout=t)
+        p = parse(req["p"], parsing_timeout=t)
+        ok = bool(g) and bool(p) and bool(verify(g, p, timeout_seconds=t))
+    except Exception:
+        ok = False
+    sys.stdout.write("1\n" if ok else "0\n")
+    sys.stdout.flush()
+"""
+
+
+class _Grader:
+    def __init__(self):
+        self.proc = subprocess.Popen([sys.executable, "-c", _GRADER, str(os.getpid())], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+        self.buf = b""
+        self.ready = False
+
+    def ask(self, request: dict | None, timeout: float) -> bool | None:
+        """The verdict, or None when the grader did not answer within ``timeout`` (it is then killed). With
+        ``request=None``, wait for its start-up line instead."""
+        if request is not None:
+            self.proc.stdin.write((json.dumps(request) + "\n").encode())
+            self.proc.stdin.flush()
+        fd = self.proc.stdout.fileno()
+        deadline = time.monotonic() + timeout
+        while b"\n" not in self.buf:
+            left = deadline - time.monotonic()
+            if left <= 0 or not select.select([fd], [], [], left)[0]:
+                self.close()
+                return None
+            chunk = os.read(fd, 64)
+            if not chunk:  # crashed (memory limit, signal): no verdict
+                self.close()
+                return None
+            self.buf += chunk
+        line, self.buf = self.buf.split(b"\n", 1)
+        if request is None:
+            self.ready = line.strip() == b"ready"
+            return self.ready
+        return line.strip() == b"1"
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait()
+
+
+def _grader_failed() -> RuntimeError:
+    probe = subprocess.run([sys.executable, "-c", "import math_verify"], capture_output=True, text=True)
+    why = probe.stderr.strip().splitlines()[-1] if probe.stderr.strip() else f"exit status {probe.returncode}"
+    return RuntimeError(f"the math grader process could not start ({why}); the math reward needs math-verify "
+                        f"importable by {sys.executable}")
+
+
+class _GraderPool:
+    """Idle grader processes, one per concurrent caller, started on demand and reused. A grader that times out is
+    killed and a replacement started at once, so its start-up (~1 s: python + sympy) overlaps the next samples.
+    Reset after a fork (a child must not share its parent's pipes)."""
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.idle: list[_Grader] = []
+        self.pid = os.getpid()
+
+    def grade(self, request: dict, timeout: float) -> bool | None:
+        with self.lock:
+            if self.pid != os.getpid():
+                self.idle, self.pid = [], os.getpid()
+            grader = self.idle.pop() if self.idle else None
+        try:
+            if grader is None or grader.proc.poll() is not None:
+                grader = _Grader()
+            # start-up is waited for apart, so the sample's limit is its own
+            if not grader.ready and not grader.ask(None, 60.0):
+                raise _grader_failed()
+            verdict = grader.ask(request, timeout)
+        except OSError:  # a broken pipe to a grader that died: no verdict, and a fresh one next time
+            if grader is not None:
+                grader.close()
+            return None
+        replacement = grader if verdict is not None else _Grader()
+        with self.lock:
+            self.idle.append(replacement)
+        return verdict
+
+    def close(self) -> None:
+        with self.lock:
+            if self.pid == os.getpid():
+                for grader in self.idle:
+                    grader.close()
+            self.idle = []
+
+
+_POOL = _GraderPool()
+atexit.register(_POOL.close)
+
+
+def math_equal(pred: str, gold: str, *, timeout: float = 5.0) -> bool:
+    """Whether the answer ``pred`` (a boxed body) is mathematically equal to ``gold`` per math-verify, decided
+    within ``timeout`` wall-clock seconds on any thread (past it: False).
+
+    ``gold`` may be bare LaTeX (``\\frac{1}{2}``), ``$...$``-wrapped, a full solution with ``\\boxed{...}``, or
+    contain escaped dollars (``\\$18.90``).
     """
-    from math_verify import parse, verify  # lazy: sympy import is ~0.2 s
-
-    timeout = _math_verify_timeout()
-    gold = str(gold).strip()
-    if "\\boxed" not in gold and "$" not in gold:
-        gold = f"${gold}$"
-    gold_parsed = parse(gold, parsing_timeout=timeout)
-    pred_parsed = parse(f"\\boxed{{{pred}}}", parsing_timeout=timeout)
-    if not gold_parsed or not pred_parsed:
+    g = math_gold(gold)
+    if g is None or not pred.strip() or len(pred) > MAX_BOXED_CHARS or len(g) > MAX_BOXED_CHARS:
         return False
-    return bool(verify(gold_parsed, pred_parsed, timeout_seconds=timeout))
+    # math-verify's LaTeX extractor looks for math delimiters / a box: give it exactly what we decided to grade.
+    request = {"g": f"${g}$", "p": f"\\boxed{{{_strip_math(pred)}}}", "t": timeout}
+    return bool(_POOL.grade(request, timeout))
 
 
-def math_reward(prompts: list[str], completions: list[str], answer: Sequence[str] | None = None,
-                **kwargs) -> list[float]:
-    """1.0 when the completion's last ``\\boxed{...}`` equals the ``answer`` column per math-verify
-    (``\\frac{1}{2}`` == ``0.5``, ``\\dfrac``, ``2^{10}`` == ``1024``, intervals, sets); 0.0 when wrong or
-    when the completion has no boxed answer."""
+def math_reward(prompts: list[str], completions: list[str], answer: Sequence[str] | None = None, *,
+                timeout: float = 5.0, max_workers: int = 4, **kwargs) -> list[float | None]:
+    """1.0 when the completion's final boxed answer equals the ``answer`` column per math-verify
+    (``\\frac{1}{2}`` == ``0.5``, ``\\dfrac``, ``2^{10}`` == ``1024``, intervals, sets, ``\\$18.90`` == ``18.90``);
+    0.0 when wrong, when it has no boxed answer in its answer region (after ``</think>``), or when grading takes
+    longer than ``timeout`` seconds; None when the gold answer is missing (ungradable, never a pass).
+
+    Each comparison runs in a grader process with a wall-clock limit (see ``math_equal``), up to
+    ``max_workers`` at once."""
     answers = _column(answer, "answer", len(completions), "math", kwargs)
-    out = []
-    for completion, gold in zip(completions, answers):
-        pred = last_boxed(completion)
-        ok = pred is not None and pred.strip() != "" and len(pred) <= MAX_BOXED_CHARS and math_equal(pred, gold)
-        out.append(1.0 if ok else 0.0)
-    return out
+
+    def one(completion: str, gold: Any) -> float | None:
+        if math_gold(gold) is None:
+            return None
+        region = final_region(completion)
+        pred = last_boxed(region) if region is not None else None
+        return 1.0 if pred is not None and math_equal(pred, gold, timeout=timeout) else 0.0
+
+    if len(completions) <= 1 or max_workers <= 1:
+        return [one(c, g) for c, g in zip(completions, answers)]
+    workers = min(max_workers, len(completions), os.cpu_count() or 1)
+    with concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="sppo_math") as pool:
+        return list(pool.map(one, completions, answers))
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# code (unit tests in a subprocess)
+# code (unit tests in the sandbox)
 
 _FENCE = re.compile(r"```[ \t]*(?:python|py|python3)?[ \t]*\n(.*?)```", re.DOTALL | re.IGNORECASE)
 _PY_FENCE = re.compile(r"```[ \t]*(?:python|py|python3)[ \t]*\n(.*?)```", re.DOTALL | re.IGNORECASE)
 
 
 def extract_code(completion: str) -> str:
-    """The last ```python fenced block of the completion; else its last bare ``` block; else all of it."""
-    blocks = _PY_FENCE.findall(completion) or _FENCE.findall(completion)
-    return blocks[-1] if blocks else completion
+    """The program a completion defines: all its ```python blocks in order, joined (else all its bare ```
+    blocks; else the whole text).
+
+    Run in order, the blocks behave like a notebook: a solution followed by a usage example runs both, and a fixed
+    version after a first attempt redefines it. A block that is not valid Python on its own (a ``>>>`` console
+    transcript, an output listing) is left out rather than failing the whole program. The text after a final
+    ``</think>`` is used when there is one (reasoning drafts are not the answer).
+    """
+    region = final_region(completion)
+    if region is None:
+        return ""
+    blocks = _PY_FENCE.findall(region) or _FENCE.findall(region)
+    if not blocks:
+        return region
+    kept = []
+    for block in blocks:
+        try:
+            ast.parse(block, _BLOCK_FILENAME)
+        except (SyntaxError, ValueError, RecursionError, MemoryError):  # the last two: pathological nesting
+            continue
+        kept.append(block)
+    return "\n".join(kept)
+
+
+# Model code parsed here must not print warnings ("invalid escape sequence") into the trainer's output; the
+# filter matches only code parsed under this name.
+_BLOCK_FILENAME = "<sppo_code_block>"
+for _category in (SyntaxWarning, DeprecationWarning):
+    warnings.filterwarnings("ignore", category=_category, module=re.escape(_BLOCK_FILENAME))
+del _category
 
 
 def split_tests(tests: str | Sequence[str]) -> tuple[str, list[str]]:
@@ -231,142 +493,141 @@ def split_tests(tests: str | Sequence[str]) -> tuple[str, list[str]]:
     return "\n".join(setup), asserts or ([tests] if tests.strip() else [])
 
 
-# Runs inside the child before the completion. Limits are set here rather than in a preexec_fn because
-# preexec_fn is documented as unsafe when the parent has threads (we run samples on a thread pool); setting
-# soft == hard means the completion cannot raise them again. The socket patch is the network guard that always
-# applies; where an unprivileged network namespace is available (`unshare -rn`) the child also has no
-# interfaces at all. None of this is a security sandbox (ctypes can still make raw syscalls): run untrusted
-# model code in a container.
-_PRELUDE = """\
-import sys
-def _sppo_guard(cpu_s, mem_bytes, fsize_bytes):
+# The harness the sandbox runs (`python -I -c HARNESS <channel fd>`). The verdict: the parent sends 32 random
+# bytes first on stdin, and counts a pass only when exactly those bytes come back on the result channel, which the
+# harness writes after the tests, then exits at once (os._exit: no atexit hooks, no finalisers). Exiting early
+# (sys.exit(0), os._exit(0)), crashing or printing anything is therefore never a pass.
+# Keeping the token out of the program's reach: the program and tests run on a worker thread whose bottom frame
+# takes the token from a C queue only once it is running (so no Thread attribute holds it), and the main thread
+# keeps nothing (signal handlers, which run on the main thread with its frame, find no token there). Before the
+# program runs, an audit hook closes the ways Python code reaches a frame or raw memory: sys._getframe /
+# _current_frames (ValueError, which logging, typing and namedtuple tolerate), the frame attributes of tracebacks,
+# generators and coroutines, gc.get_objects/get_referrers, settrace/setprofile, ctypes symbol lookup and raw reads
+# (loading ctypes stays allowed: numpy imports it) and /proc/*/mem; the process is non-dumpable, so its children
+# cannot read its memory either. This stops ordinary and casually adversarial code; a program that corrupts the
+# interpreter itself (ctypes.memmove over its own heap) could still forge a pass, and the sandbox still contains
+# it. Value-level hacks the tests allow (an object whose __eq__ is always True) are the tests' to prevent.
+_HARNESS = r"""
+def _sppo_run(box, fd):
+    import json, os
+    write, exit_ = os.write, os._exit
+    data = box.get()
+    token = data[:32]
+    job = json.loads(data[32:].decode("utf-8"))
+    del data
     try:
-        import resource
-        for lim, val in ((resource.RLIMIT_CPU, cpu_s), (resource.RLIMIT_AS, mem_bytes),
-                         (resource.RLIMIT_FSIZE, fsize_bytes), (resource.RLIMIT_CORE, 0)):
-            if val is not None:
-                resource.setrlimit(lim, (val, val))
-    except (ImportError, ValueError, OSError):
-        pass  # non-Linux: the parent's wall-clock timeout still applies
-    import socket, _socket
-    def _blocked(*args, **kwargs):
-        raise OSError(101, "network access is disabled in the sppo_fast code sandbox")
-    for mod in (socket, _socket):
-        for name in ("socket", "create_connection", "socketpair", "fromfd", "create_server", "getaddrinfo"):
-            if hasattr(mod, name):
-                setattr(mod, name, _blocked)
-_sppo_guard({cpu_s}, {mem_bytes}, {fsize_bytes})
-del _sppo_guard
+        program = compile(job["code"], "<completion>", "exec")
+        tests = compile(job["tests"], "<tests>", "exec")
+    except (SyntaxError, ValueError):
+        exit_(1)
+    del job
+    ns = {"__name__": "__solution__", "__builtins__": __builtins__}
+    exec(program, ns)
+    exec(tests, ns)
+    write(fd, token)
+    exit_(0)
+
+
 def _sppo_main():
-    # The pass token comes from stdin and lives only in this frame (not in this file or a module global), so a
-    # completion that calls sys.exit(0)/os._exit(0) before the tests exits without it and scores 0. A
-    # completion that digs through frames can still find it: this stops accidents and casual hacks only.
-    token = sys.stdin.readline().strip()
-    ns = {{"__name__": "__solution__", "__builtins__": __builtins__}}
-    exec(compile({code!r}, "<completion>", "exec"), ns)
-    exec(compile({tests!r}, "<tests>", "exec"), ns)
-    sys.stdout.flush()
-    sys.stdout.write("\\n" + token + "\\n")
-    sys.stdout.flush()
+    import os, sys, threading
+    from queue import SimpleQueue
+    fd = int(sys.argv[1])
+    del sys.argv[1:]
+    chunks = []
+    while True:
+        chunk = os.read(0, 1 << 20)
+        if not chunk:
+            break
+        chunks.append(chunk)
+    box = SimpleQueue()
+    box.put(b"".join(chunks))
+    del chunks
+    try:
+        import ctypes
+        ctypes.CDLL(None).prctl(4, 0, 0, 0, 0)  # PR_SET_DUMPABLE 0: no /proc/<pid>/mem for other processes
+    except Exception:
+        pass
+
+    def hook(event, args):
+        if event == "sys._getframe":
+            raise ValueError("call stack is not inspectable in the sppo_fast code sandbox")
+        if event == "object.__getattr__":
+            if args[1] in ("tb_frame", "gi_frame", "cr_frame", "ag_frame"):
+                raise AttributeError(f"{args[1]} is not readable in the sppo_fast code sandbox")
+            return
+        if event in ("sys._current_frames", "sys.settrace", "sys.setprofile", "gc.get_objects", "gc.get_referrers",
+                     "gc.get_referents", "ctypes.dlsym", "ctypes.cdata", "ctypes.string_at", "ctypes.wstring_at"):
+            raise RuntimeError(f"{event} is disabled in the sppo_fast code sandbox")
+        if event == "open" and isinstance(args[0], (str, bytes)):
+            path = os.fsdecode(args[0])
+            if os.path.basename(path.rstrip("/")) in ("mem", "pagemap") or "/proc/" in path and "/mem" in path:
+                raise PermissionError(f"{path} is not readable in the sppo_fast code sandbox")
+
+    sys.addaudithook(hook)
+    worker = threading.Thread(target=_sppo_run, args=(box, fd), name="solution")
+    del box, hook
+    worker.start()
+    worker.join()
+    os._exit(1)  # the worker exits the process itself when the tests pass
+
+
 _sppo_main()
 """
 
 
-@functools.lru_cache(maxsize=1)
-def _netns_prefix() -> tuple[str, ...]:
-    """``("unshare", "-rn")`` when an unprivileged network namespace works on this host, else ``()``."""
-    exe = shutil.which("unshare")
-    if exe is None or not sys.platform.startswith("linux"):
-        return ()
-    try:
-        ok = subprocess.run([exe, "-rn", "true"], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, timeout=5).returncode == 0
-    except (OSError, subprocess.SubprocessError):
-        ok = False
-    return (exe, "-rn") if ok else ()
-
-
 def run_code_tests(code: str, tests: str, *, timeout: float = 5.0, memory_mb: int = 1024,
-                   max_output_mb: int = 16) -> bool:
-    """Run ``code`` then ``tests`` in a fresh ``python -I`` subprocess; True iff both finish without error.
-
-    The child runs in an empty temp dir with a minimal environment (no proxies, no PYTHONPATH), a CPU-time
-    and address-space limit, a cap on file size, sockets disabled and, where possible, no network namespace.
-    A wall-clock ``timeout`` kills its whole process group, so forked grandchildren die too.
-    """
-    token = secrets.token_hex(16)
-    with tempfile.TemporaryDirectory(prefix="sppo_code_") as tmp:
-        script = Path(tmp, "_sppo_run.py")
-        script.write_text(_PRELUDE.format(
-            cpu_s=int(math.ceil(timeout)) + 1, mem_bytes=memory_mb * 2**20, fsize_bytes=max_output_mb * 2**20,
-            code=code, tests=tests,
-        ), encoding="utf-8")
-        work = Path(tmp, "work")
-        work.mkdir()
-        out_path = Path(tmp, "stdout")
-        # No proxies or credentials from the parent. One BLAS/OpenMP thread: samples already run in parallel,
-        # and per-thread BLAS buffers on a many-core host would eat the address-space limit.
-        env = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "HOME": str(work), "TMPDIR": str(work),
-               "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-        cmd = [*_netns_prefix(), sys.executable, "-I", str(script)]
-        with open(out_path, "wb") as out:
-            try:
-                proc = subprocess.Popen(cmd, cwd=work, env=env, stdin=subprocess.PIPE, stdout=out,
-                                        stderr=subprocess.DEVNULL, start_new_session=True)
-            except OSError:
-                return False
-            try:
-                proc.communicate((token + "\n").encode(), timeout=timeout)
-            except subprocess.TimeoutExpired:
-                _kill_group(proc)
-                return False
-            finally:
-                if proc.poll() is None:
-                    _kill_group(proc)
-        if proc.returncode != 0:
-            return False
-        with open(out_path, "rb") as f:
-            f.seek(0, os.SEEK_END)
-            f.seek(max(0, f.tell() - 4096))
-            tail = f.read().decode("utf-8", "replace")
-        return token in tail
+                   max_output_mb: int = 16, sandbox: str = "namespaces", max_procs: int = 32) -> bool:
+    """Run ``code`` then ``tests`` in the code sandbox (see ``sppo_fast.sandbox``); True iff both finish without
+    error. ``sandbox="none"`` is the explicit opt-out (a plain subprocess with rlimits; contains nothing)."""
+    token = secrets.token_bytes(32)
+    payload = token + json.dumps({"code": code, "tests": tests}).encode("utf-8")
+    limits = sandbox_mod.Limits(timeout=timeout, memory_mb=memory_mb, file_mb=max_output_mb, max_procs=max_procs)
+    result = sandbox_mod.run(_HARNESS, payload, mode=sandbox, limits=limits)
+    return not result.timed_out and result.returncode == 0 and secrets.compare_digest(result.channel, token)
 
 
-def _kill_group(proc: subprocess.Popen) -> None:
-    try:
-        os.killpg(proc.pid, 9)
-    except (ProcessLookupError, PermissionError, OSError):
-        proc.kill()
-    proc.wait()
-
-
-def code_score(completion: str, tests: str | Sequence[str], *, partial: bool = False,
-                    timeout: float = 5.0, memory_mb: int = 1024) -> float:
+def code_score(completion: str, tests: str | Sequence[str], *, partial: bool = False, timeout: float = 5.0,
+               memory_mb: int = 1024, sandbox: str = "namespaces") -> float:
     """Reward for one completion: 1.0 if all tests pass else 0.0, or with ``partial`` the fraction of
-    asserts that pass, each in its own subprocess (so one hanging assert costs only itself)."""
+    asserts that pass, each in its own sandbox (so one hanging assert costs only itself)."""
     code = extract_code(completion)
+    if not code.strip():
+        return 0.0
+    run = functools.partial(run_code_tests, timeout=timeout, memory_mb=memory_mb, sandbox=sandbox)
     if not partial:
         text = tests if isinstance(tests, str) else "\n".join(str(t) for t in tests)
-        return 1.0 if run_code_tests(code, text, timeout=timeout, memory_mb=memory_mb) else 0.0
+        return 1.0 if run(code, text) else 0.0
     setup, asserts = split_tests(tests)
     if not asserts:
         return 0.0
-    passed = sum(run_code_tests(code, f"{setup}\n{a}", timeout=timeout, memory_mb=memory_mb) for a in asserts)
-    return passed / len(asserts)
+    return sum(run(code, f"{setup}\n{a}") for a in asserts) / len(asserts)
 
 
 def code_reward(prompts: list[str], completions: list[str], tests: Sequence | None = None, *, partial: bool = False,
-         timeout: float = 5.0, memory_mb: int = 1024, max_workers: int = 4, **kwargs) -> list[float]:
-    """Unit-test reward: each completion's code (last ```python block, else the whole text) runs with its
-    row's ``tests`` (a string of asserts or a list of them). See ``code_score``. Samples run on a small
-    thread pool; each is a separate process, so threads only wait on I/O."""
+                timeout: float = 5.0, memory_mb: int = 1024, max_workers: int = 4, sandbox: str = "namespaces",
+                **kwargs) -> list[float | None]:
+    """Unit-test reward: each completion's program (see ``extract_code``) runs with its row's ``tests`` (a string
+    of asserts or a list of them) in the code sandbox. See ``code_score``.
+
+    ``sandbox``: ``"namespaces"`` (default; mount/PID/network namespaces via util-linux ``unshare``, see
+    ``sppo_fast.sandbox``) or ``"none"`` (explicit opt-out: runs model code uncontained). Raises
+    ``SandboxUnavailable`` before running anything when the sandbox cannot work on this host. A row whose tests are
+    missing or empty is ungradable: None. Samples run on a small thread pool; each is a separate process.
+    """
     all_tests = _column(tests, "tests", len(completions), "code", kwargs)
     if not completions:
         return []
-    one = functools.partial(code_score, partial=partial, timeout=timeout, memory_mb=memory_mb)
+    sandbox_mod.check_available(sandbox)
+    one = functools.partial(code_score, partial=partial, timeout=timeout, memory_mb=memory_mb, sandbox=sandbox)
+
+    def score_one(completion, row_tests):
+        if _missing(row_tests) or not isinstance(row_tests, str) and len(list(row_tests)) == 0:
+            return None
+        return one(completion, row_tests)
+
     workers = max(1, min(max_workers, len(completions)))
     with concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="sppo_code") as pool:
-        return list(pool.map(one, completions, all_tests))
+        return list(pool.map(score_one, completions, all_tests))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -378,9 +639,16 @@ _BUILTIN_FNS: dict[str, RewardFn] = {
 assert set(_BUILTIN_FNS) == BUILTIN
 
 
-def get_reward_fn(spec: str) -> RewardFn:
-    """Resolve a reward spec: a builtin name (``BUILTIN``), ``package.module:fn``, or ``path/to/file.py:fn``."""
+def get_reward_fn(spec: str, *, code_sandbox: str | None = None) -> RewardFn:
+    """Resolve a reward spec: a builtin name (``BUILTIN``), ``package.module:fn``, or ``path/to/file.py:fn``.
+
+    ``code_sandbox`` (``sandbox.MODES``: "namespaces" or "none") sets how the builtin ``code`` reward contains the
+    programs it runs; None keeps its default ("namespaces"). Other rewards run no code and ignore it."""
     spec = spec.strip()
+    if code_sandbox is not None and code_sandbox not in sandbox_mod.MODES:
+        raise ValueError(f"unknown code sandbox {code_sandbox!r}; use one of {sandbox_mod.MODES}")
+    if spec == "code" and code_sandbox is not None:
+        return functools.partial(code_reward, sandbox=code_sandbox)
     if spec in _BUILTIN_FNS:
         return _BUILTIN_FNS[spec]
     if ":" not in spec:
@@ -473,7 +741,11 @@ def compute_rewards(fn: RewardFn, prompts: Sequence[str], completions: Sequence[
     for i, r in enumerate(raw):
         if isinstance(r, bool):
             r = float(r)
-        if r is None or not isinstance(r, (int, float)) and not hasattr(r, "__float__"):
+        if r is None:
+            raise ValueError(f"reward fn {name} returned None for sample {i}: it could not grade it (its gold answer "
+                             f"or tests are missing; prompt {_head(prompts[i] if i < len(prompts) else '')}); fix or "
+                             f"drop that row (rewards.check_rows finds such rows before a run)")
+        if not isinstance(r, (int, float)) and not hasattr(r, "__float__"):
             raise ValueError(f"reward fn {name} returned {r!r} for sample {i}; expected a finite float")
         v = float(r)
         if not math.isfinite(v):

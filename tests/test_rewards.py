@@ -1,8 +1,8 @@
-"""Rewards on real-looking completions, plugin loading, and compute_rewards validation (CPU, < 30 s)."""
+"""Rewards on real-looking completions (a table per reward, each case with its reason), bounded grading, the
+code harness's pass signal, plugin loading, and compute_rewards validation (CPU, ~30 s)."""
+import concurrent.futures
 import math
-import socket
-import subprocess
-import sys
+import os
 import textwrap
 import time
 
@@ -38,21 +38,50 @@ def test_exact_on_synthetic_rows():
 GSM8K_GOLD = ("Janet sells 16 - 3 - 4 = <<16-3-4=9>>9 duck eggs a day.\n"
               "She makes 9 * 2 = $<<9*2=18>>18 every day.\n#### 18")
 
+# (completion, gold, expected, reason); expected None = ungradable (never a score)
+GSM8K_CASES = [
+    ("She eats 3 and bakes 4, so she has 16 - 7 = 9 eggs... 9 * 2 = 18 dollars.\n#### 18", GSM8K_GOLD, 1.0,
+     "answer marker line, gold taken from the solution's last '####'"),
+    ("... so she has 18 eggs left.", "#### 18", 1.0, "no marker: the last number"),
+    ("The answer is $1,234.", "1234", 1.0, "'$', thousands comma and a trailing '.'"),
+    ("#### 18.0", "18", 1.0, "'18.0' == '18' as decimals"),
+    ("#### $1,234.00", "1234", 1.0, "marker with currency and decimals"),
+    ("#### **18**", "18", 1.0, "marker with markdown bold"),
+    ("Total: 2,500,000 dollars", "#### 2500000", 1.0, "several thousands groups"),
+    ("It drops to -4 degrees.", "-4", 1.0, "negative number"),
+    ("I computed 16-7=9.", "9", 1.0, "'16-7' is a subtraction, not the number -7"),
+    ("#### 17\nwait, actually it's 18", GSM8K_GOLD, 0.0, "the marker wins over a later number"),
+    ("I computed 16 - 3 = 13, then 13 * 2 = 26.", GSM8K_GOLD, 0.0, "wrong number"),
+    ("I do not know.", "18", 0.0, "no number at all"),
+    ("#### eighteen", "18", 0.0, "a word is not a number"),
+    # issue 12: markdown headings are not answer markers
+    ("#### Final Answer\nShe has 18 eggs.", "18", 1.0, "'#### Final Answer' is a heading; the answer is 18"),
+    ("#### Step 2\nThe total is 18 dollars.", "2", 0.0, "the step number of a heading is not the answer"),
+    ("#### Step 1\nShe has 9 eggs.\n#### 18\n#### Step 2: check", "18", 1.0,
+     "the marker line among headings is the answer"),
+    # issue 12: a number is one number
+    ("#### 2, 3", "23", 0.0, "'2, 3' is two numbers, not 23"),
+    ("#### 0,5", "5", 0.0, "'0,5' is not the number 5 (nor 05)"),
+    ("The pieces are 0,5 long", "5", 0.0, "a malformed grouping is no number"),
+    ("The total is 1{,}234.", "1234", 1.0, "LaTeX thousands separator {,}"),
+    (r"The total is $1\,234$.", "1234", 1.0, r"LaTeX thin-space thousands separator \,"),
+    ("The total is 12,3456.", "123456", 0.0, "'12,3456' is not a thousands grouping"),
+    # answer region
+    (r"So she makes $\boxed{18}$. Check: 18 * 2 = 36.", "18", 1.0, "a boxed number beats a later stray number"),
+    ("<think>maybe 17? no...</think>\nThe answer is 18.", "18", 1.0, "graded after </think>"),
+    ("<think>18 is tempting</think>\nThe answer is 17.", "18", 0.0, "a number inside <think> is not the answer"),
+    ("<think>she makes 9 * 2 = 18", "18", 0.0, "unfinished thinking: no answer was given"),
+    ("thinking in the prompt's open tag ... 17</think> #### 18", "18", 1.0, "only the closing tag is required"),
+    # ungradable golds
+    ("#### 18", None, None, "missing gold"),
+    ("#### 18", "  ", None, "blank gold"),
+    ("#### 18", "#### about eighteen", None, "gold that is not a number"),
+]
 
-@pytest.mark.parametrize("completion, gold, expected", [
-    ("She eats 3 and bakes 4, so she has 16 - 7 = 9 eggs... 9 * 2 = 18 dollars.\n#### 18", GSM8K_GOLD, 1.0),
-    ("... so she has 18 eggs left.", "#### 18", 1.0),                    # last number, no marker
-    ("The answer is $1,234.", "1234", 1.0),                             # '$', ',' and trailing '.'
-    ("#### 18.0", "18", 1.0),                                           # trailing '.0'
-    ("Total: 2,500,000 dollars", "#### 2500000", 1.0),
-    ("It drops to -4 degrees.", "-4", 1.0),
-    ("#### 17\nwait, actually it's 18", GSM8K_GOLD, 0.0),               # '####' wins over the last number
-    ("I computed 16 - 3 = 13, then 13 * 2 = 26.", GSM8K_GOLD, 0.0),
-    ("I do not know.", "18", 0.0),
-    ("#### eighteen", "18", 0.0),
-])
-def test_gsm8k(completion, gold, expected):
-    assert score(R.gsm8k_reward, [completion], answer=[gold]) == [expected]
+
+@pytest.mark.parametrize("completion, gold, expected, reason", GSM8K_CASES, ids=[c[3] for c in GSM8K_CASES])
+def test_gsm8k(completion, gold, expected, reason):
+    assert score(R.gsm8k_reward, [completion], answer=[gold]) == [expected], reason
 
 
 def test_gsm8k_missing_answer_column_is_a_clear_error():
@@ -63,36 +92,107 @@ def test_gsm8k_missing_answer_column_is_a_clear_error():
 # ----------------------------------------------------------------------------------------------------------------
 # math
 
-@pytest.mark.parametrize("completion, gold, expected", [
-    (r"Half of the pie remains, so the answer is $\boxed{\frac{1}{2}}$.", "0.5", 1.0),
-    (r"Therefore $\boxed{0.5}$", r"\frac12", 1.0),
-    (r"The probability is $\boxed{\dfrac{3}{4}}$.", r"\frac{3}{4}", 1.0),
-    (r"There are $\boxed{2^{10}}$ subsets.", "1024", 1.0),                 # nested braces in the box
-    (r"So $x \in \boxed{(1, 2]}$.", "(1,2]", 1.0),                         # interval
-    (r"First guess \boxed{3}; on reflection the answer is \boxed{4}.", "4", 1.0),  # last box counts
-    (r"The answer is $\boxed{5}$.", r"$\boxed{5}$", 1.0),                  # gold already boxed
-    (r"The answer is $\boxed{\frac{2}{3}}$.", r"\frac{3}{4}", 0.0),         # wrong
-    (r"So $x \in \boxed{[1, 2)}$.", "(1,2]", 0.0),                         # wrong interval ends
-    (r"The answer is 0.5.", "0.5", 0.0),                                   # no box
-    (r"The answer is \boxed{\frac{1}{2}", "0.5", 0.0),                     # box never closes
-])
-def test_math(completion, gold, expected):
-    assert score(R.math_reward, [completion], answer=[gold]) == [expected]
+# (completion, gold, expected, reason, agrees): `agrees` says whether math-verify run on the raw completion gives
+# the same verdict; where it does not, the reason says why ours is the right one.
+MATH_CASES = [
+    (r"Half of the pie remains, so the answer is $\boxed{\frac{1}{2}}$.", "0.5", 1.0, "fraction == decimal", True),
+    (r"Therefore $\boxed{0.5}$", r"\frac12", 1.0, r"\frac12 without braces", True),
+    (r"The probability is $\boxed{\dfrac{3}{4}}$.", r"\frac{3}{4}", 1.0, r"\dfrac", True),
+    (r"There are $\boxed{2^{10}}$ subsets.", "1024", 1.0, "nested braces in the box", True),
+    (r"So $x \in \boxed{(1, 2]}$.", "(1,2]", 1.0, "interval", True),
+    (r"First guess \boxed{3}; on reflection the answer is \boxed{4}.", "4", 1.0,
+     "the last box counts (math-verify grades the first: the revised answer is the final one)", False),
+    (r"The answer is $\boxed{5}$.", r"$\boxed{5}$", 1.0, "gold already boxed", True),
+    (r"The answer is \fbox{7}.", "7", 1.0, r"\fbox, as in the MATH reference grader (math-verify skips it)", False),
+    (r"So $\boxed{\frac{\sqrt{3}}{2}}$.", r"We get $\cos 30^\circ = \boxed{\frac{\sqrt3}{2}}$.", 1.0,
+     "gold is a full solution: its last box", True),
+    (r"The answer is $\boxed{10\%}$.", r"10\%", 1.0, "percent", True),
+    (r"The answer is $\boxed{\frac{2}{3}}$.", r"\frac{3}{4}", 0.0, "wrong", True),
+    (r"So $x \in \boxed{[1, 2)}$.", "(1,2]", 0.0, "wrong interval ends", True),
+    (r"The answer is \boxed{\frac{1}{2}", "0.5", 0.0,
+     "box never closes: a truncated answer is no answer (math-verify still reads it)", False),
+    (r"The answer is 0.5.", "0.5", 0.0, "no box: MATH answers are graded from the box (math-verify reads the last "
+     "number)", False),
+    # issue 12
+    (r"The answer is $\boxed 5$.", "5", 1.0, r"brace-less \boxed 5", True),
+    (r"Thus \boxed 12", "12", 1.0, r"brace-less \boxed at the end of the text", True),
+    (r"The price is $\boxed{18.90}$.", r"\$18.90", 1.0, "escaped-dollar gold (MATH-500)", False),
+    (r"The price is $\boxed{\$18.90}$.", r"\$18.90", 1.0, "escaped dollar on both sides", False),
+    (r"The sum is $\boxed{32,\!348}$.", r"\$32,\!348", 1.0, r"escaped dollar and \! thousands separator", False),
+    (r"The sum is $\boxed{32348}$.", r"\$32,\!348", 1.0, "gold's thousands separator vs a plain number", False),
+    (r"<think>so \boxed{4}</think> The answer is 5.", "4", 0.0,
+     "a box inside <think> is not the final answer (the official SPPO grader reads after </think>)", False),
+    (r"<think>\boxed{4} hmm</think> The answer is $\boxed{5}$.", "5", 1.0, "graded after </think>", True),
+    (r"<think>Let me compute... \boxed{4}", "4", 0.0, "unfinished thinking: no answer was given", False),
+    (r"\boxed{None}", None, None, "missing gold: ungradable, not a match with 'None'", False),
+    (r"\boxed{}", "", None, "blank gold: ungradable", False),
+]
+
+
+@pytest.mark.parametrize("completion, gold, expected, reason, agrees", MATH_CASES, ids=[c[3] for c in MATH_CASES])
+def test_math(completion, gold, expected, reason, agrees):
+    assert score(R.math_reward, [completion], answer=[gold]) == [expected], reason
+    if agrees:  # math-verify's own verdict on the whole completion, where it is the right one
+        from math_verify import parse, verify
+
+        mv = verify(parse(f"${R.math_gold(gold)}$"), parse(completion))
+        assert float(mv) == expected, f"math-verify disagrees: {reason}"
 
 
 def test_last_boxed_balances_braces():
     assert R.last_boxed(r"\boxed{1} and \boxed{\frac{a^{2}}{b}} end") == r"\frac{a^{2}}{b}"
+    assert R.last_boxed(r"\boxed 5$ and more") == "5"
+    assert R.last_boxed(r"\boxedfoo{1}") is None  # another macro
     assert R.last_boxed("nothing") is None
 
 
 def test_math_off_the_main_thread():
     # math-verify's signal-based timeout raises off the main thread; the reward must still work there.
-    import concurrent.futures
-
     with concurrent.futures.ThreadPoolExecutor(2) as pool:
         out = list(pool.map(lambda c: score(R.math_reward, [c], answer=["0.5"])[0],
                             [r"\boxed{\frac{1}{2}}", r"\boxed{3}"]))
     assert out == [1.0, 0.0]
+
+
+PATHOLOGICAL = r"The answer is $\boxed{9^{9^{9}}}$."  # sympy works on 9**387420489 (a C-level bignum power)
+
+
+def _bounded_call(limit):
+    score(R.math_reward, [r"\boxed{1}"], answer=["1"])  # the grader's start-up is not the sample's cost
+    t0 = time.perf_counter()
+    out = score(R.math_reward, [PATHOLOGICAL], answer=["5"], timeout=limit)
+    return out, time.perf_counter() - t0
+
+
+def test_math_pathological_answer_is_bounded_on_any_thread():
+    limit = 1.0
+    out, took = _bounded_call(limit)  # main thread
+    assert out == [0.0] and took < limit + 1.0, took
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:  # off the main thread, where signals cannot help
+        out, took = pool.submit(_bounded_call, limit).result(timeout=60)
+    assert out == [0.0] and took < limit + 1.0, took
+    # the killed grader is replaced: the next sample is graded normally
+    assert score(R.math_reward, [r"\boxed{\frac{1}{2}}"], answer=["0.5"]) == [1.0]
+
+
+def _in_worker_process(limit):
+    return _bounded_call(limit)
+
+
+def test_math_pathological_answer_is_bounded_in_a_worker_process():
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(1, mp_context=ctx) as pool:
+        out, took = pool.submit(_in_worker_process, 1.0).result(timeout=120)
+    assert out == [0.0] and took < 2.0, took
+
+
+def test_math_grader_that_cannot_start_is_a_clear_error(monkeypatch):
+    monkeypatch.setattr(R, "_POOL", R._GraderPool())
+    monkeypatch.setattr(R, "_GRADER", "raise SystemExit(1)")
+    with pytest.raises(RuntimeError, match="math grader process could not start"):
+        score(R.math_reward, [r"\boxed{1}"], answer=["1"])
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -101,12 +201,40 @@ def test_math_off_the_main_thread():
 ADD_TESTS = "assert add(1, 2) == 3\nassert add(-1, 1) == 0"
 GOOD_ADD = "Here is the function:\n```python\ndef add(a, b):\n    return a + b\n```\nIt adds two numbers."
 
+CODE_CASES = [
+    (GOOD_ADD, ADD_TESTS, 1.0, "one python block"),
+    ("def add(a, b): return a + b", ADD_TESTS, 1.0, "no fences: the whole text"),
+    ("```\ndef add(a, b):\n    return a + b\n```", ADD_TESTS, 1.0, "a bare fence"),
+    ("```python\ndef add(a, b):\n    return a - b\n```", ADD_TESTS, 0.0, "wrong"),
+    (GOOD_ADD + "\nUsage:\n```python\nprint(add(2, 3))\n```", ADD_TESTS, 1.0,
+     "solution then a usage example: all blocks run, in order (issue 12: only the last one ran)"),
+    ("```python\ndef add(a, b):\n    return a - b\n```\nOops, fixed:\n```python\ndef add(a, b):\n    return a + b\n```",
+     ADD_TESTS, 1.0, "a later block redefines the first attempt"),
+    (GOOD_ADD + "\n```python\n>>> add(1, 2)\n3\n```", ADD_TESTS, 1.0, "a console transcript block is left out"),
+    ("```python\ndef add(a, b):\n    return a + b\nif __name__ == '__main__':\n    add(input(), 1)\n```", ADD_TESTS,
+     1.0, "a main guard does not run (and input() would see EOF)"),
+    ("<think>```python\ndef add(a, b):\n    return a - b\n```</think>" + GOOD_ADD, ADD_TESTS, 1.0,
+     "graded after </think>"),
+    ("<think>```python\ndef add(a, b):\n    return a + b\n```", ADD_TESTS, 0.0, "unfinished thinking: no program"),
+    ("import sys\nsys.exit(0)", ADD_TESTS, 0.0, "exit 0 before the tests is not a pass"),
+    ("import os\nos._exit(0)", ADD_TESTS, 0.0, "os._exit(0) before the tests is not a pass"),
+    ("import sys\nprint('all tests passed')\nsys.exit(0)", ADD_TESTS, 0.0, "printing is not a pass"),
+    ("import atexit, os\natexit.register(lambda: os._exit(0))\ndef add(a, b): return 0", ADD_TESTS, 0.0,
+     "an exit hook cannot turn a failure into a pass"),
+    (GOOD_ADD, None, None, "missing tests: ungradable"),
+    (GOOD_ADD, [], None, "empty test list: ungradable"),
+]
 
-def test_code_pass_fail_and_partial():
+
+@pytest.mark.parametrize("completion, tests, expected, reason", CODE_CASES, ids=[c[3] for c in CODE_CASES])
+def test_code(completion, tests, expected, reason):
+    assert score(R.code_reward, [completion], tests=[tests]) == [expected], reason
+
+
+def test_code_partial_scores_each_assert():
     bad = "```python\ndef add(a, b):\n    return a - b if a < 0 else a + b\n```"  # passes test 1 only
     assert score(R.code_reward, [GOOD_ADD, bad], tests=[ADD_TESTS, ADD_TESTS]) == [1.0, 0.0]
     assert score(R.code_reward, [bad], tests=[ADD_TESTS], partial=True) == [0.5]
-    # tests as a list, and a whole completion without fences
     assert score(R.code_reward, ["def add(a, b): return a + b"], tests=[["assert add(2, 2) == 4"]]) == [1.0]
 
 
@@ -125,56 +253,115 @@ def test_code_infinite_loop_times_out_fast():
     assert time.perf_counter() - t0 < 4.0
 
 
-def test_code_early_exit_is_not_a_pass():
-    # A completion that exits 0 before the tests run must not be read as "all tests passed".
-    for cheat in ["import sys\nsys.exit(0)", "import os\nos._exit(0)"]:
-        assert score(R.code_reward, [cheat], tests=[ADD_TESTS]) == [0.0]
-
-
-def test_code_runs_in_empty_dir_without_parent_env(monkeypatch):
+@pytest.mark.parametrize("sandbox", ["namespaces", "none"])
+def test_code_runs_in_empty_dir_without_parent_env(monkeypatch, sandbox):
     monkeypatch.setenv("SPPO_SECRET", "x")
     probe = ("import os\nassert os.listdir('.') == []\nassert 'SPPO_SECRET' not in os.environ\n"
-             "def add(a, b): return a + b")
+             "open('scratch.txt', 'w').write('x')\ndef add(a, b): return a + b")
+    assert score(R.code_reward, [probe], tests=[ADD_TESTS], sandbox=sandbox) == [1.0]
+    assert not os.path.exists("scratch.txt")
+
+
+def test_code_stdlib_users_of_frames_still_work():
+    # logging, typing.NamedTuple, namedtuple and enum look at the caller's frame and tolerate ValueError
+    program = textwrap.dedent("""
+        import logging, collections, enum, typing
+        logging.getLogger('x').warning('hi')
+        P = collections.namedtuple('P', 'a b')
+        class Q(typing.NamedTuple):
+            a: int
+        E = enum.Enum('E', 'A B')
+        import numpy  # an installed package is importable
+        def add(a, b): return P(a, b).a + Q(b).a
+        """)
+    assert score(R.code_reward, [program], tests=[ADD_TESTS]) == [1.0]
+
+
+# Ways a program could try to forge the pass signal. Each finds the harness's token and writes it to the result
+# channel, then exits before the (failing) tests. With the guard off (control) each one does forge a pass, so the
+# test below can fail.
+FORGERIES = {
+    "sys._getframe": "f = sys._getframe(1)",
+    "traceback frame": "try:\n    1 / 0\nexcept ZeroDivisionError as e:\n    f = e.__traceback__.tb_frame.f_back",
+    "generator frame": "g = (x for x in [0])\nf = g.gi_frame.f_back or sys._getframe(1)",
+    "signal handler": ("import signal\nfs = []\nsignal.signal(signal.SIGUSR1, lambda s, fr: fs.append(fr))\n"
+                       "os.kill(os.getpid(), signal.SIGUSR1)\nf = fs[0].f_back"),
+    "inspect.stack": "import inspect\nf = inspect.stack()[1].frame",
+}
+
+
+@pytest.mark.parametrize("route", sorted(FORGERIES))
+def test_code_pass_token_is_out_of_the_programs_reach(route, monkeypatch):
+    attack = ("import os, sys\n" + FORGERIES[route] + "\n"
+              "while 'token' not in f.f_locals:\n    f = f.f_back\n"
+              "os.write(f.f_locals['fd'], f.f_locals['token'])\nos._exit(0)\n")
+    assert score(R.code_reward, [attack], tests=[ADD_TESTS]) == [0.0]
+    if route == "signal handler":  # closed by design (the main thread holds no token), not by the audit hook
+        inline = R._HARNESS.replace("    worker.start()\n    worker.join()\n", "    _sppo_run(box, fd)\n")
+        inline = inline.replace("    del box, hook\n", "    del hook\n")
+        monkeypatch.setattr(R, "_HARNESS", inline.replace("sys.addaudithook(hook)", "pass"))
+    else:
+        monkeypatch.setattr(R, "_HARNESS", R._HARNESS.replace("sys.addaudithook(hook)", "pass"))
+    assert score(R.code_reward, [attack], tests=[ADD_TESTS]) == [1.0], "control: the attack works unguarded"
+
+
+def test_code_memory_of_the_harness_is_not_readable():
+    probe = textwrap.dedent("""
+        import os, subprocess, sys
+        def blocked(path):
+            try:
+                open(path, 'rb').close()
+                return False
+            except OSError:
+                return True
+        assert blocked('/proc/self/mem')
+        child = 'import os,sys\\ntry:\\n open(f"/proc/{os.getppid()}/mem","rb")\\nexcept OSError: sys.exit(3)'
+        assert subprocess.run([sys.executable, '-c', child]).returncode == 3
+        def add(a, b): return a + b
+        """)
     assert score(R.code_reward, [probe], tests=[ADD_TESTS]) == [1.0]
 
 
-@pytest.fixture
-def listening_port():
-    server = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    server.bind(("127.0.0.1", 0))
-    server.listen(4)
-    yield server.getsockname()[1]
-    server.close()
+def test_code_sandbox_opt_out_and_unknown_mode():
+    assert score(R.code_reward, [GOOD_ADD], tests=[ADD_TESTS], sandbox="none") == [1.0]
+    with pytest.raises(ValueError, match="unknown sandbox mode"):
+        score(R.code_reward, [GOOD_ADD], tests=[ADD_TESTS], sandbox="docker")
 
 
-@pytest.mark.parametrize("netns", [True, False], ids=["default", "prelude-only"])
-def test_code_network_is_blocked(listening_port, netns, monkeypatch):
-    connect = textwrap.dedent(f"""
-        import socket
-        def reach(port):
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=2).close()
-                return "connected"
-            except OSError:
-                return "refused"
-        """)
-    # Control: the same code outside the sandbox does reach the server, so 'refused' below is the guard.
-    ctl = subprocess.run([sys.executable, "-c", connect + f"\nprint(reach({listening_port}))"],
-                         capture_output=True, text=True, timeout=20)
-    assert ctl.stdout.strip() == "connected"
-    if not netns:  # the socket prelude alone, as on hosts without unprivileged network namespaces
-        monkeypatch.setattr(R, "_netns_prefix", lambda: ())
-    assert score(R.code_reward, [connect], tests=[f"assert reach({listening_port}) == 'refused'"]) == [1.0]
-    assert score(R.code_reward, [connect], tests=[f"assert reach({listening_port}) == 'connected'"]) == [0.0]
-    raw = "import _socket\ns = _socket.socket()"  # the C-level constructor is patched too
-    assert score(R.code_reward, [raw], tests=["pass"]) == [0.0]
+def test_get_reward_fn_passes_the_code_sandbox_choice():
+    fn = R.get_reward_fn("code", code_sandbox="none")
+    assert fn.keywords == {"sandbox": "none"} and fn(["p"], [GOOD_ADD], tests=[ADD_TESTS]) == [1.0]
+    assert R.get_reward_fn("code") is R.code_reward
+    assert R.get_reward_fn("math", code_sandbox="none") is R.math_reward
+    with pytest.raises(ValueError, match="unknown code sandbox 'docker'"):
+        R.get_reward_fn("code", code_sandbox="docker")
 
 
-def test_extract_code_prefers_last_python_block():
-    text = "```\nplain\n```\n```python\nfirst\n```\ntext\n```python\nsecond\n```"
-    assert R.extract_code(text) == "second\n"
-    assert R.extract_code("```\nonly plain\n```") == "only plain\n"
+def test_extract_code_joins_python_blocks_in_order():
+    text = "```\nplain\n```\n```python\nfirst = 1\n```\ntext\n```python\nsecond = 2\n```"
+    assert R.extract_code(text) == "first = 1\n\nsecond = 2\n"
+    assert R.extract_code("```\nonly = 'plain'\n```") == "only = 'plain'\n"
     assert R.extract_code("x = 1") == "x = 1"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# dataset checks
+
+
+def test_required_columns_and_check_rows():
+    assert R.required_columns("code") == ("tests",)
+    assert R.required_columns("math") == ("answer",)
+    assert R.required_columns("my_module:fn") == ()
+    R.check_rows("code", [{"prompt": "p", "tests": "assert True"}])  # no 'answer' needed for code
+    with pytest.raises(ValueError, match=r"row 1: reward 'gsm8k' needs a non-empty 'answer'"):
+        R.check_rows("gsm8k", [{"answer": "1"}, {"answer": None}])
+    with pytest.raises(ValueError, match=r"row 0: reward 'code' needs a non-empty 'tests'"):
+        R.check_rows("code", [{"prompt": "p", "answer": "x"}])
+
+
+def test_compute_rewards_names_an_ungradable_sample():
+    with pytest.raises(ValueError, match=r"returned None for sample 1: it could not grade it .*gold answer.*'q2'"):
+        R.compute_rewards(R.gsm8k_reward, ["q1", "q2"], ["#### 1", "#### 2"], {"answer": ["1", None]})
 
 
 # ----------------------------------------------------------------------------------------------------------------
