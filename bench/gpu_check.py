@@ -74,10 +74,10 @@ def part_cli(ctx):
              "--max-new-tokens", "8" if dry else "128", "--max-prompt-tokens", "64", "--eval-size", "4",
              "--eval-every", "0", "--save-every", "0", "--log-every", "1", "--no-progress", "--no-tensorboard",
              "--out-dir", str(w / "cli_runs"), "--run-name", "cli", "--lr", "1e-6", "--gradient-checkpointing"]
-    if ctx["cuda"]:  # bf16 autocast and Liger are the CUDA defaults; the budget caps the process's CUDA memory
+    if ctx["cuda"]:  # bf16 autocast and Liger act on CUDA only; the budget also caps the process's CUDA memory
         flags += ["--bf16", "--liger", "--memory-budget", "12GiB"]
-    else:
-        flags += ["--device", "cpu", "--threads", "1"]
+    else:  # the budget still picks the plan (and its report) on CPU
+        flags += ["--device", "cpu", "--threads", "1", "--memory-budget", "2GiB"]
     return [[PY, "-c", build], [PY, "-m", "sppo_fast.train", *flags]]
 
 
