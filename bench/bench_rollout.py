@@ -5,6 +5,8 @@ autocast on CUDA (fp32 on CPU), fixed-length responses (min_new_tokens = max_new
     python bench/bench_rollout.py                                   # CUDA: Qwen2-1.5B-shaped random init, 64 x 1024
     python bench/bench_rollout.py --arch tiny --batch 64 --new-tokens 40 --device cpu   # the embedded tiny model
     python bench/bench_rollout.py --backends hf,paged --reps 3
+    python bench/bench_rollout.py --arch tiny --batch 64 --new-tokens 40 --prompt-chars 0 --device cpu --threads 1 \
+        --interleave 7                                              # the committed CPU measurement (shared machine)
 
 Each backend runs in a fresh subprocess with its own --timeout, so a hang or crash in one leaves the others'
 results. Per backend: one warm-up call (for hf-static at the full shape, since its compiled decode step is
@@ -13,6 +15,7 @@ specialised to the cache shape; for the others --warmup-tokens new tokens), then
   median_s       median wall seconds of one generate call over the timed calls (device synchronised)
   tok_per_s      batch x new tokens / median_s: decode tokens per second of the whole call, prefill included
   x_hf           tok_per_s / hf's in the same run
+  x_hf_paired    --interleave only: the median over rounds of hf's time / this backend's time in the same round
   peak_gib       torch.cuda.max_memory_allocated during the timed calls (CUDA only)
 Results: --out (JSONL, appended) and the same name with .md; default bench/results/rollout-<device>-<date>.*.
 The CPU figures depend on the machine's load, which each row records.
@@ -84,6 +87,45 @@ def prompts_for(n: int, prompt_chars: int, seed: int = 0) -> list:
     return out
 
 
+def interleaved(spec: dict, backends: list, rounds: int) -> list:
+    """All backends in this process, one model: a warm-up call each, then `rounds` rounds that call every backend
+    once in turn. On a shared machine whose load drifts, each round's ratio to hf is a paired comparison; the rows
+    carry the median over rounds of both the time and that ratio."""
+    import torch
+
+    from sppo_fast.rollout import generate
+
+    if spec["threads"]:
+        torch.set_num_threads(spec["threads"])
+    model, tok = load_model(spec["arch"], torch.device(spec["device"]))
+    prompts = prompts_for(spec["batch"], spec["prompt_chars"])
+    n = spec["new_tokens"]
+    call = lambda b: generate(model, tok, prompts, backend=b, temperature=0.6, max_new_tokens=n, min_new_tokens=n)
+    torch.manual_seed(0)
+    first, times, lengths = {}, {b: [] for b in backends}, {}
+    for b in backends:
+        t0 = time.perf_counter()
+        call(b)
+        first[b] = time.perf_counter() - t0
+    for _ in range(rounds):
+        for b in backends:
+            t0 = time.perf_counter()
+            samples = call(b)
+            times[b].append(time.perf_counter() - t0)
+            lengths[b] = sum(len(x.response_ids) for x in samples) / len(samples)
+    rows = []
+    for b in backends:
+        med = statistics.median(times[b])
+        row = {"kind": "backend", "backend": b, "arch": spec["arch"], "batch": spec["batch"], "new_tokens": n,
+               "reps": rounds, "interleaved": True, "first_call_s": first[b], "median_s": med, "times_s": times[b],
+               "tok_per_s": spec["batch"] * n / med, "response_len_mean": lengths[b], "peak_gib": None,
+               "weights": "fp32", "threads": torch.get_num_threads()}
+        if "hf" in times:  # paired: the median of per-round speed-ups over hf
+            row["x_hf_paired"] = statistics.median(h / t for h, t in zip(times["hf"], times[b]))
+        rows.append(row)
+    return rows
+
+
 def worker(spec_path: str) -> int:
     spec = json.loads(Path(spec_path).read_text())
     import torch
@@ -150,6 +192,9 @@ def main(argv=None) -> int:
     ap.add_argument("--no-isolate", action="store_true",
                     help="run the backends in this process (CPU smoke tests: saves the subprocess start-ups)")
     ap.add_argument("--out", default="", help="results JSONL (default bench/results/rollout-<device>-<date>.jsonl)")
+    ap.add_argument("--interleave", type=int, default=0,
+                    help="CPU measurements on a shared machine: N rounds calling every backend in turn, in this "
+                         "process (paired ratios to hf); instead of one subprocess per backend")
     ap.add_argument("--_worker", default=None, help=argparse.SUPPRESS)
     o = ap.parse_args(argv)
     if o._worker:
@@ -172,6 +217,15 @@ def main(argv=None) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="sppo_bench_rollout-"))
     rows, t_start = [], time.perf_counter()
+    if o.interleave:
+        spec = {"arch": o.arch, "batch": o.batch, "new_tokens": o.new_tokens, "prompt_chars": o.prompt_chars,
+                "device": device, "threads": o.threads}
+        rows = [{**r, **env, "wall_s": time.perf_counter() - t_start} for r in interleaved(spec, backends,
+                                                                                              o.interleave)]
+        with open(out, "a") as f:
+            for r in rows:
+                f.write(json.dumps(r) + "\n")
+        backends = []  # measured above
     for backend in backends:
         spec = {"backend": backend, "arch": o.arch, "batch": o.batch, "new_tokens": o.new_tokens,
                 "prompt_chars": o.prompt_chars, "reps": o.reps, "warmup_tokens": o.warmup_tokens, "device": device,
@@ -228,7 +282,8 @@ def main(argv=None) -> int:
             f"{o.arch}; torch {env['torch']}, transformers {env['transformers']}, git {env['git_sha']}, load "
             f"average {env['load_avg'][0]:.1f} on {env['cpus']} CPUs.", "",
             markdown_table(rows, [("backend", "backend", None), ("tok/s", "tok_per_s", ".0f"),
-                                  ("x hf", "x_hf", ".2f"), ("median s", "median_s", ".3f"),
+                                  ("x hf", "x_hf", ".2f"), ("x hf paired", "x_hf_paired", ".2f"),
+                                  ("median s", "median_s", ".3f"),
                                   ("first call s", "first_call_s", ".2f"), ("resp len", "response_len_mean", ".1f"),
                                   ("peak GiB", "peak_gib", ".2f"), ("error", "error", None)]), "",
             f"Fastest: **{best}**; `auto` on {dtype} currently picks **{AUTO_BACKEND.get(dtype)}** "

@@ -17,7 +17,7 @@ a part that would start with too little of the total time left is skipped):
             prompts/s, tokens/s, peak memory
   rollout   bench/bench_rollout.py: every rollout backend at the Qwen2-1.5B shape, batch 64 x 1024 new tokens,
             decode tokens/s (last: hf-static's torch.compile is the least predictable cost)
-Budgets (s): pytest 50, cli 50, kernels 130, memory 70, train 90, rollout 150 = 540 (--time-limit). The parts'
+Budgets (s): pytest 45, cli 45, kernels 110, memory 65, train 105, rollout 170 = 540 (--time-limit). The parts'
 scripts append their rows as they go, so a part cut at its budget still leaves what it finished.
 
 Outputs in DIR, written as each part finishes (the device tool brings back at most 8 files):
@@ -93,9 +93,9 @@ def part_rollout(ctx):
     if ctx["dry"]:
         return [[PY, "bench/bench_rollout.py", "--arch", "tiny", "--batch", "4", "--new-tokens", "8",
                  "--prompt-chars", "0", "--device", "cpu", "--threads", "1", "--no-isolate", "--out", out]]
-    # hf first (the baseline of x_hf), hf-static last: it gets whatever its compile needs of what is left
+    # hf first (the baseline of x_hf), then hf-static (the expected winner; its compile is the big unknown)
     return [[PY, "bench/bench_rollout.py", "--arch", "qwen2-1.5b", "--batch", "64", "--new-tokens", "1024",
-             "--backends", "hf,paged,hf-static", "--timeout", "140", "--time-limit", str(ctx["budget"] - 5),
+             "--backends", "hf,hf-static,paged", "--timeout", "110", "--time-limit", str(ctx["budget"] - 5),
              "--out", out]]
 
 
@@ -112,18 +112,20 @@ def part_train(ctx):
         return [[PY, "bench/bench_train.py", "--quick", "--algos", "sppo", "--batch-size", "8",
                  "--max-new-tokens", "4", "--out", out]]
     # same prompts per step for every algorithm (GRPO: 16 prompts x 8), fixed-length rollouts
-    return [[PY, "bench/bench_train.py", "--arch", "qwen2-1.5b", "--batch-size", "16", "--grpo-prompts", "equal",
-             "--max-new-tokens", "128", "--steps", "2", "--timeout", "75",
+    # the algorithms the targets compare come first (SPPO vs GRPO prompts/s, SPPO vs PPO peak)
+    return [[PY, "bench/bench_train.py", "--arch", "qwen2-1.5b", "--algos", "sppo,grpo8,ppo,sppo_critic",
+             "--batch-size", "16", "--grpo-prompts", "equal", "--max-new-tokens", "128", "--steps", "2",
+             "--timeout", "45",
              "--train-arg=--min-new-tokens=128", "--train-arg=--gradient-checkpointing", "--out", out]]
 
 
 PARTS = {  # name: (budget s on an H200, command builder); the budgets sum to the default --time-limit (540 s)
-    "pytest": (50, part_pytest),
-    "cli": (50, part_cli),
-    "kernels": (130, part_kernels),
-    "memory": (70, part_memory),
-    "train": (90, part_train),
-    "rollout": (150, part_rollout),  # last: the torch.compile of hf-static is the least predictable cost
+    "pytest": (45, part_pytest),
+    "cli": (45, part_cli),
+    "kernels": (110, part_kernels),  # rows are appended as they go: a cut leaves the first shapes
+    "memory": (65, part_memory),
+    "train": (105, part_train),
+    "rollout": (170, part_rollout),  # last: the torch.compile of hf-static is the least predictable cost
 }
 DRY_BUDGET = 180  # per part, on a shared 2-core CPU
 

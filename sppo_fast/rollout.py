@@ -190,12 +190,19 @@ def _generate_batch(model, inputs, config, max_new_tokens, max_batch):
 @contextmanager
 def _autocast_in_worker(model):
     """generate_batch runs the model in its own thread, and autocast is thread-local: carry the caller's autocast
-    (bf16 compute over fp32 master weights in the trainer) into the model's forward for the duration."""
+    into the model's forward for the duration (its fp32 ops, e.g. softmax, then match the other backends).
+
+    The paged cache is allocated in the model's dtype, and autocast's bf16 keys/values cannot be written into an
+    fp32 one (index_copy_ refuses mixed dtypes): under autocast the weights must already be in its dtype."""
     device_type = model.device.type
     if not torch.is_autocast_enabled(device_type):
         yield
         return
     dtype = torch.get_autocast_dtype(device_type)
+    if model.dtype != dtype:
+        raise ValueError(f"the paged rollout backend needs the weights in the autocast dtype ({dtype}), got "
+                         f"{model.dtype}: transformers' continuous batching keeps its KV cache in the model's dtype. "
+                         f"Use --memory-plan bf16 (bf16 weights) or --rollout-backend hf / hf-static")
     target = model.get_base_model() if hasattr(model, "get_base_model") else model
     forward = target.forward
 

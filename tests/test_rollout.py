@@ -142,6 +142,7 @@ def test_autocast_reaches_the_paged_worker_thread():
     """generate_batch runs the forward in its own thread; autocast is thread-local, so the caller's must be carried."""
     class M(torch.nn.Module):
         device = torch.device("cpu")
+        dtype = torch.bfloat16
 
         def forward(self, x):
             return torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu")
@@ -157,3 +158,16 @@ def test_autocast_reaches_the_paged_worker_thread():
     t.join()
     assert seen == [(True, torch.bfloat16), (False, seen[1][1])]
     assert "forward" not in vars(m)
+
+
+def test_paged_under_autocast_needs_weights_in_its_dtype(tiny):
+    """fp32 weights under bf16 autocast (the trainer's default on CUDA): a clear error, not transformers' own
+    from inside its worker thread; bf16 weights under bf16 autocast run."""
+    model, tok = tiny
+    with torch.autocast("cpu", dtype=torch.bfloat16), pytest.raises(ValueError, match="--memory-plan bf16"):
+        generate(model, tok, PROMPTS[:2], backend="paged", greedy=True, max_new_tokens=4)
+    bf16 = type(model)(model.config).to(torch.bfloat16)
+    bf16.load_state_dict(model.state_dict())
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        samples = generate(bf16, tok, PROMPTS[:2], backend="paged", greedy=True, max_new_tokens=4)
+    assert [len(s.response_ids) for s in samples] == [4, 4]
