@@ -1,6 +1,7 @@
 """Decode throughput of each rollout backend (sppo_fast/rollout.py: hf, hf-static, paged) on the same model, prompts
-and lengths, the way the trainer calls it: `rollout.generate`, sampling at T=0.6, fp32 master weights under bf16
-autocast on CUDA (fp32 on CPU), fixed-length responses (min_new_tokens = max_new_tokens).
+and lengths, the way the trainer calls it: `rollout.generate`, sampling at T=0.6, under bf16 autocast on CUDA with
+bf16 weights by default (--weights; the paged backend runs only with weights in the autocast dtype), fp32 on CPU,
+fixed-length responses (min_new_tokens = max_new_tokens).
 
     python bench/bench_rollout.py                                   # CUDA: Qwen2-1.5B-shaped random init, 64 x 1024
     python bench/bench_rollout.py --arch tiny --batch 64 --new-tokens 40 --device cpu   # the embedded tiny model
@@ -98,6 +99,8 @@ def interleaved(spec: dict, backends: list, rounds: int) -> list:
     if spec["threads"]:
         torch.set_num_threads(spec["threads"])
     model, tok = load_model(spec["arch"], torch.device(spec["device"]))
+    if spec["weights"] == "bf16":
+        model.to(torch.bfloat16)
     prompts = prompts_for(spec["batch"], spec["prompt_chars"])
     n = spec["new_tokens"]
     call = lambda b: generate(model, tok, prompts, backend=b, temperature=0.6, max_new_tokens=n, min_new_tokens=n)
@@ -119,7 +122,7 @@ def interleaved(spec: dict, backends: list, rounds: int) -> list:
         row = {"kind": "backend", "backend": b, "arch": spec["arch"], "batch": spec["batch"], "new_tokens": n,
                "reps": rounds, "interleaved": True, "first_call_s": first[b], "median_s": med, "times_s": times[b],
                "tok_per_s": spec["batch"] * n / med, "response_len_mean": lengths[b], "peak_gib": None,
-               "weights": "fp32", "threads": torch.get_num_threads()}
+               "weights": spec["weights"], "threads": torch.get_num_threads()}
         if "hf" in times:  # paired: the median of per-round speed-ups over hf
             row["x_hf_paired"] = statistics.median(h / t for h, t in zip(times["hf"], times[b]))
         rows.append(row)
@@ -137,9 +140,11 @@ def worker(spec_path: str) -> int:
         torch.set_num_threads(spec["threads"])
     cuda = device.type == "cuda"
     model, tok = load_model(spec["arch"], device)
+    if spec["weights"] == "bf16":
+        model.to(torch.bfloat16)
     prompts = prompts_for(spec["batch"], spec["prompt_chars"])
     n = spec["new_tokens"]
-    # the trainer's setting: fp32 master weights, bf16 compute by autocast on CUDA (Stepper.generate)
+    # as Stepper.generate: bf16 autocast on CUDA, over fp32 master weights (the default memory plan) or bf16 ones
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else nullcontext()
     sync = torch.cuda.synchronize if cuda else (lambda: None)
 
@@ -169,7 +174,7 @@ def worker(spec_path: str) -> int:
            "reps": spec["reps"], "first_call_s": first, "median_s": med, "times_s": times,
            "tok_per_s": spec["batch"] * n / med, "response_len_mean": statistics.mean(lengths),
            "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
-           "weights": "fp32 + bf16 autocast" if cuda else "fp32", "threads": torch.get_num_threads()}
+           "weights": spec["weights"] + (" + bf16 autocast" if cuda else ""), "threads": torch.get_num_threads()}
     Path(spec["out_json"]).write_text(json.dumps(row))
     return 0
 
@@ -185,6 +190,10 @@ def main(argv=None) -> int:
     ap.add_argument("--reps", type=int, default=1, help="timed calls per backend")
     ap.add_argument("--warmup-tokens", type=int, default=16, help="warm-up call length (hf, paged)")
     ap.add_argument("--device", default="auto")
+    ap.add_argument("--weights", default="", choices=("", "bf16", "fp32"),
+                    help="model weights (default: bf16 on CUDA, fp32 on CPU). On CUDA generation runs under bf16 "
+                         "autocast either way; the paged backend needs bf16 weights there (its KV cache takes the "
+                         "model's dtype), so bf16 is the setting where all three compare")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     ap.add_argument("--timeout", type=float, default=600, help="seconds per backend before it is killed")
     ap.add_argument("--time-limit", type=float, default=0,
@@ -204,6 +213,7 @@ def main(argv=None) -> int:
     from sppo_fast.rollout import AUTO_BACKEND
 
     device = ("cuda" if torch.cuda.is_available() else "cpu") if o.device == "auto" else o.device
+    o.weights = o.weights or ("bf16" if torch.device(device).type == "cuda" else "fp32")
     backends = [b for b in o.backends.split(",") if b]
     bad = [b for b in backends if b not in BACKENDS]
     if bad:
@@ -219,7 +229,7 @@ def main(argv=None) -> int:
     rows, t_start = [], time.perf_counter()
     if o.interleave:
         spec = {"arch": o.arch, "batch": o.batch, "new_tokens": o.new_tokens, "prompt_chars": o.prompt_chars,
-                "device": device, "threads": o.threads}
+                "device": device, "threads": o.threads, "weights": o.weights}
         rows = [{**r, **env, "wall_s": time.perf_counter() - t_start} for r in interleaved(spec, backends,
                                                                                               o.interleave)]
         with open(out, "a") as f:
@@ -227,7 +237,7 @@ def main(argv=None) -> int:
                 f.write(json.dumps(r) + "\n")
         backends = []  # measured above
     for backend in backends:
-        spec = {"backend": backend, "arch": o.arch, "batch": o.batch, "new_tokens": o.new_tokens,
+        spec = {"backend": backend, "arch": o.arch, "batch": o.batch, "new_tokens": o.new_tokens, "weights": o.weights,
                 "prompt_chars": o.prompt_chars, "reps": o.reps, "warmup_tokens": o.warmup_tokens, "device": device,
                 "threads": o.threads, "out_json": str(work / f"{backend}.json")}
         spec_path = work / f"{backend}.spec.json"
@@ -279,7 +289,8 @@ def main(argv=None) -> int:
         f.write(json.dumps(verdict) + "\n")
     text = [f"# Rollout backends: {env['device']}, {env['timestamp'][:10]}", "",
             f"`rollout.generate` at T=0.6, {o.batch} prompts x {o.new_tokens} new tokens (fixed length), arch "
-            f"{o.arch}; torch {env['torch']}, transformers {env['transformers']}, git {env['git_sha']}, load "
+            f"{o.arch}, {o.weights} weights{' under bf16 autocast' if dtype == 'cuda' else ''}; torch {env['torch']}, "
+            f"transformers {env['transformers']}, git {env['git_sha']}, load "
             f"average {env['load_avg'][0]:.1f} on {env['cpus']} CPUs.", "",
             markdown_table(rows, [("backend", "backend", None), ("tok/s", "tok_per_s", ".0f"),
                                   ("x hf", "x_hf", ".2f"), ("x hf paired", "x_hf_paired", ".2f"),
