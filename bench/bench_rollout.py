@@ -35,18 +35,13 @@ from contextlib import nullcontext
 from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # bench/utils.py, when run as a script
+from bench_train import QUICK_MODEL, QWEN2_15B  # noqa: E402
 from utils import environment, markdown_table  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 BACKENDS = ("hf", "hf-static", "paged")
-ARCHS = {  # random-init Qwen2 shapes (no weights needed); "tiny" is the embedded trained model
-    "qwen2-1.5b": dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
-                       num_key_value_heads=2, vocab_size=151936, max_position_embeddings=32768,
-                       rope_theta=1000000.0, rms_norm_eps=1e-6, tie_word_embeddings=True),
-    "qwen2-small": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                        num_key_value_heads=2, vocab_size=1024, max_position_embeddings=512, rope_theta=10000.0,
-                        rms_norm_eps=1e-6, tie_word_embeddings=True),
-}
+# random-init Qwen2 shapes (no weights needed), shared with bench_train.py; "tiny" is the embedded trained model
+ARCHS = {"qwen2-1.5b": QWEN2_15B, "qwen2-small": QUICK_MODEL}
 
 
 def load_model(arch: str, device):

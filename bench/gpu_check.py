@@ -16,7 +16,8 @@ a part that would start with too little of the total time left is skipped):
             Qwen2-1.5B, 16 prompts per step each (GRPO: 16 x 8), 128-token fixed-length rollouts: time split,
             prompts/s, tokens/s, peak memory
   rollout   bench/bench_rollout.py: every rollout backend at the Qwen2-1.5B shape, batch 64 x 1024 new tokens,
-            decode tokens/s (last: hf-static's torch.compile is the least predictable cost)
+            bf16 weights under autocast, decode tokens/s (last: hf-static's torch.compile is the least predictable
+            cost)
 Budgets (s): pytest 45, cli 45, kernels 110, memory 65, train 105, rollout 170 = 540 (--time-limit). The parts'
 scripts append their rows as they go, so a part cut at its budget still leaves what it finished.
 

@@ -25,8 +25,9 @@ import torch
 
 BACKENDS = ("hf", "hf-static", "paged")
 # `auto`, per device type, from committed measurements (decode tokens/s of each backend, same prompts and lengths):
-#   cpu:  hf. bench/results/rollout-cpu-2026-11-29.md (the tiny model, 2 shared cores): plain generate is the
-#         fastest; the paged engine's per-call setup (cache allocation, its scheduler thread) dominates at this size.
+#   cpu:  hf. bench/results/rollout-cpu-2026-11-29.md (the tiny model, 64 x 40 tokens, 2 shared cores, 7
+#         interleaved rounds): hf fastest; hf-static 0.95x (no compile on CPU: the same eager loop), paged 0.27x
+#         (its per-call set-up: cache allocation, scheduler thread, per-step host work).
 #   cuda: hf, UNMEASURED. No backend has run on a GPU in this repository yet; `python bench/gpu_check.py` measures
 #         all three at the 1.5B shape (batch 64 x 1024 new tokens) and prints which one `auto` should name here.
 #         Until then the default is the engine every transformers user already runs, with no compile step: the
@@ -114,7 +115,7 @@ def _generate_hf(model, tokenizer, prompt_ids, stop_strings, max_batch, *, stati
     multiple = 1
     if static:
         kwargs["cache_implementation"] = "static"
-        multiple = STATIC_PAD_MULTIPLE if model.device.type == "cuda" else 1
+        multiple = _static_pad_multiple(model.device)
     step = max_batch or len(prompt_ids)
     out_tokens = []
     for start in range(0, len(prompt_ids), step):
@@ -130,6 +131,11 @@ def _generate_hf(model, tokenizer, prompt_ids, stop_strings, max_batch, *, stati
                              **kwargs)
         out_tokens.extend(out[:, width:].tolist())
     return out_tokens
+
+
+def _static_pad_multiple(device) -> int:
+    """Prompt-width rounding of hf-static: on CUDA, where the decode step is compiled per cache shape."""
+    return STATIC_PAD_MULTIPLE if torch.device(device).type == "cuda" else 1
 
 
 def _generate_paged(model, tokenizer, prompt_ids, stop_strings, max_batch, *, greedy, temperature, top_p,
