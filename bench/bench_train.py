@@ -3,6 +3,7 @@
 
     python bench/bench_train.py                                 # Qwen2-0.5B-style random-init model built in-script
     python bench/bench_train.py --model /models/Qwen2.5-0.5B    # a local HF model directory
+    python bench/bench_train.py --arch qwen2-1.5b --batch-size 16 --grpo-prompts equal   # the 1.5B shape
     python bench/bench_train.py --batch-size 32 --max-new-tokens 1024 --steps 5
     python bench/bench_train.py --quick                         # CPU smoke test (< 90 s): tiny Qwen2, 1 step each
 
@@ -66,6 +67,10 @@ ALGOS = {  # key: (label, trainer flags, group size)
 QWEN2_05B = dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
                  num_key_value_heads=2, vocab_size=151936, max_position_embeddings=32768, rope_theta=1000000.0,
                  rms_norm_eps=1e-6, tie_word_embeddings=True, use_sliding_window=False)
+QWEN2_15B = dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
+                 num_key_value_heads=2, vocab_size=151936, max_position_embeddings=32768, rope_theta=1000000.0,
+                 rms_norm_eps=1e-6, tie_word_embeddings=True, use_sliding_window=False)
+ARCHS = {"qwen2-0.5b": QWEN2_05B, "qwen2-1.5b": QWEN2_15B}
 QUICK_MODEL = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                    num_key_value_heads=2, vocab_size=1024, max_position_embeddings=512, rope_theta=10000.0,
                    rms_norm_eps=1e-6, tie_word_embeddings=True, use_sliding_window=False)
@@ -327,7 +332,9 @@ def check_targets(rows) -> tuple[list, dict]:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
-    ap.add_argument("--model", default="", help="local HF model dir (default: a Qwen2-0.5B-style random-init model)")
+    ap.add_argument("--model", default="", help="local HF model dir (default: a random-init model of --arch)")
+    ap.add_argument("--arch", default="qwen2-0.5b", choices=list(ARCHS),
+                    help="architecture of the random-init model when no --model is given")
     ap.add_argument("--algos", default=",".join(ALGOS), help=f"comma list of {', '.join(ALGOS)}")
     ap.add_argument("--batch-size", type=int, default=64, help="samples per step (SPPO/PPO: prompts)")
     ap.add_argument("--grpo-prompts", choices=("samples", "equal"), default="samples",
@@ -382,10 +389,10 @@ def main(argv=None) -> int:
         model = str(Path(o.model).resolve())
         model_desc = f"{model}"
     else:
-        cfg = QUICK_MODEL if o.quick else QWEN2_05B
+        cfg = QUICK_MODEL if o.quick else ARCHS[o.arch]
         t0 = time.perf_counter()
         model = str(build_random_model(work / "model", cfg))
-        model_desc = (f"random-init Qwen2 ({'tiny quick config' if o.quick else 'Qwen2-0.5B architecture'}: "
+        model_desc = (f"random-init Qwen2 ({'tiny quick config' if o.quick else o.arch + ' architecture'}: "
                       f"hidden {cfg['hidden_size']}, {cfg['num_hidden_layers']} layers, vocab {cfg['vocab_size']}), "
                       f"char tokenizer, EOS = unused row {cfg['vocab_size'] - 1} (fixed-length responses); built in "
                       f"{time.perf_counter() - t0:.0f} s")
@@ -417,11 +424,11 @@ def main(argv=None) -> int:
         row.update({k: v for k, v in env.items() if k != "kind"})
         row.update(model=model_desc, batch_size=o.batch_size, grpo_prompts=o.grpo_prompts, extra=o.extra)
         rows.append(row)
+        with open(jsonl, "a") as f:  # at once: a later algorithm's crash or the caller's timeout keeps this row
+            f.write(json.dumps(row) + "\n")
         print(f"{algo}: {time.perf_counter() - t0:.0f}s " + ("ok" if "error" not in row else row["error"]), flush=True)
     targets, ratios = check_targets(rows) if device != "cpu" else ([], {})
     with open(jsonl, "a") as f:
-        for r in rows:
-            f.write(json.dumps(r) + "\n")
         if ratios:
             f.write(json.dumps({"kind": "targets", **ratios, "git_sha": env["git_sha"], "device": env["device"],
                                 "timestamp": env["timestamp"]}) + "\n")

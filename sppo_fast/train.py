@@ -30,7 +30,7 @@ from sppo_fast.metrics import MetricsLogger
 from sppo_fast.hf import lm_head_params
 from sppo_fast.model import (attention_implementation, check_model_dir, hidden_states, load_critic, load_policy,
                              load_tokenizer)
-from sppo_fast.rollout import generate, pack, split_by_tokens
+from sppo_fast.rollout import generate, pack, resolve_backend, split_by_tokens
 from sppo_fast.value_head import ValueHead, pool_prompt_states
 
 
@@ -158,6 +158,9 @@ class Args:
     """validate token ids / sequence bounds on the host for the first N steps (later: device-side asserts only)"""
     gen_batch_size: int = 0
     """generate at most this many sequences at once (0 = the whole batch)"""
+    rollout_backend: str = "auto"
+    """generation engine: auto (measured per device, see sppo_fast/rollout.py) | hf (generate) | hf-static (static
+    KV cache, compiled decode step on CUDA) | paged (transformers' continuous batching)"""
     threads: int = 0
     """torch CPU threads (0 = torch's default)"""
     max_nonfinite_steps: int = 3
@@ -247,7 +250,8 @@ class Stepper:
         # raw prompts get the tokenizer's special tokens (e.g. BOS); chat-templated text already holds them
         self.gen_kwargs = dict(max_new_tokens=args.max_new_tokens, min_new_tokens=args.min_new_tokens,
                                stop_strings=args.stop_strings or None,
-                               max_batch=args.gen_batch_size or None, add_special_tokens=not args.chat_template)
+                               max_batch=args.gen_batch_size or None, add_special_tokens=not args.chat_template,
+                               backend=resolve_backend(args.rollout_backend, device))
         # bf16 autocast on GPU only: CPU autocast would slow the tiny demo down and change its numerics
         use_bf16 = device.type == "cuda" and args.bf16
         self.autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16)

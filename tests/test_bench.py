@@ -1,10 +1,11 @@
 """Smoke tests of the benchmark scripts: each `--quick` mode runs as a subprocess (cwd = a temp dir, outputs under
-it) and must exit 0 and write its results. The quick modes run on CPU; bench_kernels.py is another script's owner's
-and is skipped only when it is absent."""
+it) and must exit 0 and write its results; `gpu_check.py --dry-run` runs every GPU-check part (bench_kernels.py,
+bench_memory.py, bench_rollout.py included) at tiny sizes. All on CPU."""
 import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -66,7 +67,54 @@ def test_bench_train_quick(tmp_path):
     assert "CPU smoke test" in Path(str(prefix) + ".md").read_text()
 
 
-def test_bench_kernels_quick(tmp_path):
-    out = tmp_path / "kernels.jsonl"
-    run_script("bench_kernels.py", tmp_path, "--out", str(out), timeout=300)
-    assert out.is_file() and jsonl_rows(out)
+def test_gpu_check_dry_run(tmp_path):
+    """Every part of the one-call GPU check runs at tiny sizes on CPU (bench_kernels.py --quick among them), and
+    the three outputs hold what the device run will bring back."""
+    out = tmp_path / "gpu_check"
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
+    proc = subprocess.run([sys.executable, str(BENCH / "gpu_check.py"), "--dry-run", "--out", str(out)],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=900, env=env)
+    assert proc.returncode == 0, f"{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
+    assert sorted(p.name for p in out.iterdir()) == ["logs.txt", "results.jsonl", "summary.md"]
+    rows = jsonl_rows(out / "results.jsonl")
+    assert rows[0]["kind"] == "env" and rows[0]["dry_run"] and rows[0]["torch"] and "git_sha" in rows[0]
+    parts = {r["part"]: r for r in rows if r["kind"] == "part"}
+    assert list(parts) == ["pytest", "cli", "kernels", "memory", "train", "rollout"]
+    assert parts["pytest"]["status"] == "skipped: no CUDA"
+    assert all(p["status"] == "ok" and p["rows"] > 0 for name, p in parts.items() if name != "pytest"), parts
+    by = lambda part: [r for r in rows if r["kind"] == "row" and r["part"] == part]
+    cli = by("cli")[0]
+    assert cli["steps"] == 2 and cli["finite_losses"] and cli["median_tokens_per_s"] > 0
+    assert any(r.get("median_ms") for r in by("kernels"))
+    assert {r["backend"] for r in by("rollout") if r["row_kind"] == "backend" and r["tok_per_s"] > 0} == \
+        {"hf", "hf-static", "paged"}
+    assert by("memory")[0]["setting"] == "baseline" and by("memory")[0]["step_s"] > 0
+    assert [r["algo"] for r in by("train") if r["row_kind"] == "algo"] == ["sppo"]
+    summary = (out / "summary.md").read_text()
+    assert "Dry run" in summary and "| rollout | ok |" in summary
+    logs = (out / "logs.txt").read_text()
+    assert all(f"===== {name}:" in logs for name in parts)
+
+
+def test_gpu_check_part_budget_kills_a_hang_and_keeps_going(tmp_path):
+    """A part past its budget is killed with its whole process group (bench scripts start workers of their own);
+    a crashing part is reported as failed; neither stops the caller."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("gpu_check", BENCH / "gpu_check.py")
+    gpu_check = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gpu_check)
+    log = tmp_path / "part.log"
+    hang = ("import subprocess, sys, time; c = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)']);"
+            " print('child', c.pid, flush=True); time.sleep(60)")
+    t0 = time.monotonic()
+    assert gpu_check.run_commands([[sys.executable, "-c", hang]], 3, log, dict(os.environ)) == ("timeout", None)
+    assert time.monotonic() - t0 < 30
+    child = int(log.read_text().split("child ")[1].split()[0])
+    time.sleep(0.5)
+    stat = Path(f"/proc/{child}/stat")
+    assert not stat.exists() or stat.read_text().split(")")[1].split()[0] == "Z", "the part's child outlived it"
+    status = gpu_check.run_commands([[sys.executable, "-c", "raise SystemExit(3)"], [sys.executable, "-c", "1"]], 30,
+                                    log, dict(os.environ))
+    assert status == ("failed", 3)
+    assert "killed after its 3 s budget" in log.read_text()
