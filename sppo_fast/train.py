@@ -107,6 +107,9 @@ class Args:
     """gradient-norm clipping of the policy's parameters (0 disables)"""
     value_max_grad_norm: float = 1.0
     """gradient-norm clipping of the value head + critic LLM, apart from the policy's (0 disables)"""
+    grad_clip: str = "separate"
+    """separate: policy and value parameters clipped apart, as the official SPPO code does; joint: one norm over
+    both at --max-grad-norm (the demo preset was tuned with it)"""
     clip_low: float = 0.2
     """PPO ratio clip below 1"""
     clip_high: float = 0.2
@@ -203,7 +206,8 @@ def flag(name: str) -> str:
 
 CHOICES = {"algo": ("sppo", "grpo", "ppo"), "loss_agg": ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum"),
            "ratio_level": ("token", "sequence"), "value_loss": ("bce", "mse"), "value_pooling": ("last", "mean"),
-           "kernel_impl": ("auto", "triton", "torch"), "memory_plan": ("auto", "fp32", "ckpt", "bf16", "8bit", "offload")}
+           "kernel_impl": ("auto", "triton", "torch"), "grad_clip": ("separate", "joint"),
+           "memory_plan": ("auto", "fp32", "ckpt", "bf16", "8bit", "offload")}
 # Valid ranges in interval notation, exactly as the error messages print them. Fields not listed take any value of
 # their type (floats must still be finite).
 RANGES = {
@@ -498,8 +502,11 @@ class Stepper:
 def clip_grad_norms(optimizer, args):
     """Clip the policy's gradient and the value parameters' (head + critic LLM) each to its own norm, as the official
     SPPO code clips actor and critic apart: under one joint norm a large value gradient would shrink the policy's
-    step. Returns both pre-clip norms (the value one is None without a value function)."""
-    memory.params_for_clipping(optimizer)  # offload: waits until the host grads the step will use have landed
+    step. Returns both pre-clip norms (the value one is None without a value function, or under --grad-clip joint,
+    whose one norm is the first)."""
+    params = memory.params_for_clipping(optimizer)  # offload: waits until the host grads the step will use landed
+    if args.grad_clip == "joint":
+        return torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm if args.max_grad_norm > 0 else 1e30), None
     limits = (args.max_grad_norm, args.value_max_grad_norm)  # param group 0 is the policy, group 1 the value side
     norms = [torch.nn.utils.clip_grad_norm_(group["params"], limit if limit > 0 else 1e30)
              for group, limit in zip(optimizer.param_groups, limits)]
@@ -661,7 +668,7 @@ def preflight(args: Args, device: torch.device) -> Preflight:
         try:
             kept[split], skipped[split] = data.filter_long_prompts(rows, tokenizer, limit, **fmt)
         except ValueError as e:  # every prompt is too long
-            raise ConfigError(f"{split} data: {e} ({why})") from None
+            raise ConfigError(f"{split} data: {e}; the limit is {why}") from None
     train_rows, eval_rows = kept["train"], kept["eval"]
     if skipped["train"] or skipped["eval"]:
         notes.append(f"skipped {skipped['train']} train and {skipped['eval']} eval prompts longer than {limit} tokens "
@@ -837,11 +844,11 @@ def main(args: Args) -> dict:
     logger = MetricsLogger(run_dir, tensorboard=args.tensorboard,
                            resume_step=start_step if resume_ckpt is not None else None) \
         if distributed.is_main() else distributed.NullLogger()  # torchrun: rank 0 logs
+    print(f"run dir: {run_dir}\nmodel: {model_path} ({sum(p.numel() for p in policy.parameters()) / 1e6:.2f}M params,"
+          f" {policy.config._attn_implementation}, {device}); train {len(train_rows)} / eval {len(eval_rows)} prompts")
     if args.num_minibatches == 1:
         print("--num-minibatches 1: one optimizer step per batch, so the PPO ratio is 1 and the clip never acts "
               "(the bar omits clip=)")
-    print(f"run dir: {run_dir}\nmodel: {model_path} ({sum(p.numel() for p in policy.parameters()) / 1e6:.2f}M params,"
-          f" {policy.config._attn_implementation}, {device}); train {len(train_rows)} / eval {len(eval_rows)} prompts")
 
     def save(step):
         return checkpoint.save(run_dir, step, policy=policy, critic=critic, tokenizer=tokenizer, value_head=value_head,
