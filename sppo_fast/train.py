@@ -63,6 +63,9 @@ class Args:
     """prompts longer than this are skipped (and counted)"""
     reward: str = "exact"
     """reward: exact | gsm8k | math | code | module:fn | path/to/file.py:fn  (fn(prompts, completions, **columns))"""
+    code_sandbox: str = "namespaces"
+    """how --reward code contains model-written programs: namespaces (sppo_fast/sandbox.py: mount, PID and network
+    namespaces, rlimits) or none (explicit opt-out: the programs run uncontained)"""
 
     # --- algorithm
     algo: str = "sppo"
@@ -207,6 +210,7 @@ def flag(name: str) -> str:
 CHOICES = {"algo": ("sppo", "grpo", "ppo"), "loss_agg": ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum"),
            "ratio_level": ("token", "sequence"), "value_loss": ("bce", "mse"), "value_pooling": ("last", "mean"),
            "kernel_impl": ("auto", "triton", "torch"), "grad_clip": ("separate", "joint"),
+           "code_sandbox": ("namespaces", "none"),
            "memory_plan": ("auto", "fp32", "ckpt", "bf16", "8bit", "offload")}
 # Valid ranges in interval notation, exactly as the error messages print them. Fields not listed take any value of
 # their type (floats must still be finite).
@@ -229,6 +233,10 @@ def in_range(value, interval: str) -> bool:
     above = value >= lo if interval[0] == "[" else value > lo
     below = value <= hi if interval[-1] == "]" else value < hi
     return above and below
+
+
+_TYPE_NAMES = {int: "an integer", float: "a finite number", bool: "true or false", str: "a string",
+               list: "a list of strings"}
 
 
 def type_ok(value, kind) -> bool:
@@ -283,10 +291,6 @@ def check_args(args: Args) -> None:
             memory.parse_bytes(args.memory_budget)
         except ValueError as e:
             raise ConfigError(f"--memory-budget: {e}") from None
-
-
-_TYPE_NAMES = {int: "an integer", float: "a finite number", bool: "true or false", str: "a string",
-               list: "a list of strings"}
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -640,15 +644,20 @@ def preflight(args: Args, device: torch.device) -> Preflight:
     else:
         name = args.run_name or f"{args.algo}__{Path(model_path).name}__{args.seed}__{time.strftime('%Y%m%d-%H%M%S')}"
         run_dir = Path(args.out_dir) / name
-    run_dir = distributed.broadcast_object(run_dir)  # torchrun: rank 0's (the name holds a time stamp)
-    if not args.resume and not args.overwrite and run_dir.is_dir() and any(run_dir.iterdir()):
-        raise ConfigError(f"run directory {run_dir} already exists: continue it with --resume {run_dir}, replace it "
-                          f"with --overwrite, or choose another --run-name")
+    refused = None
     if run_dir.exists() and not run_dir.is_dir():
-        raise ConfigError(f"run directory {run_dir} exists and is not a directory (--out-dir / --run-name)")
+        refused = f"run directory {run_dir} exists and is not a directory (--out-dir / --run-name)"
+    elif not args.resume and not args.overwrite and run_dir.is_dir() and any(run_dir.iterdir()):
+        refused = (f"run directory {run_dir} already exists: continue it with --resume {run_dir}, replace it with "
+                   f"--overwrite, or choose another --run-name")
+    # torchrun: rank 0's directory (the name holds a time stamp) and rank 0's verdict, taken before it writes there
+    run_dir, refused = distributed.broadcast_object((run_dir, refused))
+    if refused:
+        raise ConfigError(refused)
 
     # --- reward and data: the reward decides which columns every row must have
-    reward_fn = _user_errors(rewards.get_reward_fn, args.reward, flag="--reward")
+    sandbox = {"code_sandbox": args.code_sandbox} if args.code_sandbox != "namespaces" else {}  # the opt-out
+    reward_fn = _user_errors(rewards.get_reward_fn, args.reward, **sandbox, flag="--reward")
     columns = reward_columns(args.reward, reward_fn)
     train_rows, eval_rows = load_data(args, columns)
     tokenizer = load_tokenizer(model_path)
