@@ -203,6 +203,11 @@ def test_runs_never_mix_and_resume_skips_a_damaged_checkpoint(tmp_path, capsys):
     train_steps = [r["step"] for r in rows if "losses/policy" in r]
     assert train_steps == [1, 2, 3]  # step 1 from the first run, 2 and 3 retrained: every step once
     assert rows[:2] == first[:2]
+    # TensorBoard, read as TensorBoard reads it: the first run's events after step 1 are purged
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    events = EventAccumulator(str(run_dir / "tb"))
+    events.Reload()
+    assert [e.step for e in events.Scalars("losses/policy")] == [1, 2, 3]
 
     # --overwrite starts again from nothing
     assert train_cli(tmp_path, "--steps", "1", "--overwrite")[0] == 0
