@@ -3,6 +3,7 @@ runs never mix; a resume cuts the metrics back and skips a damaged checkpoint; o
 
 One test per reproduction class of issue 13 (and the presets / separate clipping of issue 12). Most tests stop in
 `train.preflight`, before any model loads; the few that train run 1-3 steps of the embedded tiny model."""
+import importlib.util
 import json
 import math
 import re
@@ -236,8 +237,10 @@ def test_resume_and_overwrite_together_are_refused(tmp_path):
 
 # --- 5. quiet, meaningful output -------------------------------------------------------------------------------------
 def test_no_third_party_import_noise():
-    code = ("from sppo_fast.cli import quiet_third_party; quiet_third_party()\n"
-            "import transformers.quantizers.auto  # imports torchao when it is installed\n")
+    # transformers imports torchao whenever it is installed; importing it alone makes the same noise, faster
+    if importlib.util.find_spec("torchao") is None:
+        pytest.skip("torchao is not installed")
+    code = "from sppo_fast.cli import quiet_third_party; quiet_third_party()\nimport torchao\n"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     assert "Failed to load" not in out.stderr and "_pytree" not in out.stderr, out.stderr
