@@ -272,6 +272,14 @@ def test_help_is_grouped_and_shows_the_demo_values():
     assert len(text.splitlines()[0]) < 100  # a one-line usage, not every flag
 
 
+def test_plot_errors_are_user_errors(tmp_path, capsys):
+    assert cli_main(["plot", str(tmp_path)]) == 2
+    assert "metrics.jsonl not found" in capsys.readouterr().err
+    (tmp_path / "metrics.jsonl").write_text('{"step": 0, "a": 1}\n{"step": 1, "a"\n{"step": 2, "a": 3}\n')
+    assert cli_main(["plot", str(tmp_path)]) == 2  # a damaged line in the middle is not a torn last line
+    assert "metrics.jsonl line 2: not valid JSON" in capsys.readouterr().err
+
+
 def test_plot_leads_with_learning_curves_and_skips_flat_series():
     rows = [{"step": s, "perf/rollout_s": 1.0 + s, "stats/clipfrac": 0.0, "losses/policy": 0.1 * s,
              "reward/mean": 0.2 * s, "eval/pass@1": 0.3 + 0.1 * s, "value/pearson": 0.1 * s,
