@@ -60,7 +60,7 @@ class Args:
     system_prompt: str = ""
     """system message when chat_template is on"""
     max_prompt_tokens: int = 1024
-    """prompts longer than this are skipped (and counted)"""
+    """prompts longer than this, or than the model's context minus max_new_tokens, are skipped (and counted)"""
     reward: str = "exact"
     """reward: exact | gsm8k | math | code | module:fn | path/to/file.py:fn  (fn(prompts, completions, **columns))"""
     code_sandbox: str = "namespaces"
