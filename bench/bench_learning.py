@@ -86,7 +86,7 @@ def run_flags(spec: dict) -> list:
              "--value-lr", repr(spec["value_lr"]), "--eval-every", str(spec["eval_every"]),
              "--eval-size", str(spec["eval_size"]), "--eval-k", str(spec["eval_k"]), "--save-every", "0",
              "--micro-batch-tokens", str(spec["micro_batch_tokens"]), "--seed", str(spec["seed"]),
-             "--threads", "1", "--no-progress", "--no-tensorboard", "--device", "cpu", *algo[1]]
+             "--threads", "1", "--no-progress", "--no-tensorboard", "--device", "cpu", "--grad-clip", "joint", *algo[1]]
     if spec["model"]:
         flags += ["--model", spec["model"]]
     if spec["algo"] == "sppo_critic":

@@ -5,8 +5,10 @@ Layout of RUN_DIR/checkpoints/step_000123/:
   critic/            the separate critic LLM's decoder, when there is one (PPO, or SPPO with --critic)
   value_head.safetensors
   trainer.safetensors optimizer state tensors, RNG states; JSON metadata: step, param groups, scheduler, sampler
+  manifest.json      every file's size, written last: `verify` checks it and every safetensors header
 The directory is written as step_000123.tmp and renamed into place, so a crash never leaves a half checkpoint
-under a final name.
+under a final name; `--resume RUN_DIR` takes the newest checkpoint that verifies (a disk that filled up or a copy
+that was cut short shows as a size mismatch or a truncated safetensors file) and says which ones it skipped.
 """
 import json
 import os
@@ -21,6 +23,7 @@ from safetensors.torch import load_file, save_file
 from sppo_fast import distributed
 
 STEP_DIR = re.compile(r"^step_(\d+)$")
+MANIFEST = "manifest.json"
 
 
 def _flatten_optimizer(state_dict: dict) -> tuple[dict, dict]:
@@ -89,6 +92,8 @@ def save(run_dir, step: int, *, policy, tokenizer, value_head, optimizer, schedu
     tensors.update(rng_tensors, **full["rng"])  # rng.*.rankN: the other ranks' states
     meta.update(rng_meta, step=step, scheduler=scheduler.state_dict(), sampler=sampler_state, extra=extra)
     save_file(tensors, tmp / "trainer.safetensors", metadata={"json": json.dumps(meta)})
+    files = {str(p.relative_to(tmp)): p.stat().st_size for p in sorted(tmp.rglob("*")) if p.is_file()}
+    (tmp / MANIFEST).write_text(json.dumps({"step": step, "files": files}, indent=1))
     if final.exists():  # re-saving the same step (e.g. Ctrl-C right after a periodic save)
         shutil.rmtree(final)
     os.replace(tmp, final)
@@ -113,9 +118,72 @@ def resolve(path) -> Path:
         return path
     found = list_checkpoints(path)
     if not found:
-        raise FileNotFoundError(f"--resume {path}: no checkpoint found (expected {path}/checkpoints/step_*/ "
-                                f"or a step_* directory holding trainer.safetensors)")
+        raise FileNotFoundError(f"no checkpoint in {path} (expected {path}/checkpoints/step_*/ or a step_* "
+                                f"directory holding trainer.safetensors)")
     return found[-1]
+
+
+def verify(ckpt: Path) -> str | None:
+    """Why `ckpt` cannot be resumed from, or None when it verifies: every file the manifest lists is there at its
+    size, and every safetensors file's header parses and covers the file (a load test that reads no tensor data)."""
+    from safetensors import safe_open
+
+    ckpt = Path(ckpt)
+    manifest = ckpt / MANIFEST
+    if manifest.is_file():  # checkpoints written before the manifest existed get the safetensors checks alone
+        try:
+            files = json.loads(manifest.read_text())["files"]
+        except (ValueError, KeyError) as e:
+            return f"{MANIFEST} is unreadable ({e})"
+        for name, size in files.items():
+            if not (ckpt / name).is_file():
+                return f"{name} is missing"
+            if (ckpt / name).stat().st_size != size:
+                return f"{name} has {(ckpt / name).stat().st_size} bytes, the manifest says {size}"
+    if not (ckpt / "trainer.safetensors").is_file():
+        return "trainer.safetensors is missing"
+    for path in sorted(ckpt.rglob("*.safetensors")):
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                if path.name == "trainer.safetensors":
+                    json.loads(f.metadata()["json"])
+        except Exception as e:  # safetensors raises its own error types (SafetensorError) for a bad file
+            return f"{path.relative_to(ckpt)} does not load ({type(e).__name__}: {e})"
+    return None
+
+
+def newest_valid(path) -> tuple[Path, list]:
+    """(the checkpoint to resume from, [(skipped checkpoint, why), ...]) for a run directory: the newest checkpoint
+    that verifies. A checkpoint directory named explicitly must verify itself."""
+    path = Path(path)
+    if STEP_DIR.match(path.name):
+        if not path.is_dir():
+            raise FileNotFoundError(f"checkpoint {path} does not exist")
+        if why := verify(path):
+            raise ValueError(f"checkpoint {path} is damaged: {why}; resume from the run directory {path.parent.parent} "
+                             f"to fall back to an older checkpoint")
+        return path, []
+    if not path.is_dir():
+        raise FileNotFoundError(f"run directory {path} does not exist")
+    found = list_checkpoints(path)
+    if not found:
+        raise FileNotFoundError(f"no checkpoint in {path} (expected {path}/checkpoints/step_*/)")
+    skipped = []
+    for ckpt in reversed(found):
+        why = verify(ckpt)
+        if why is None:
+            return ckpt, skipped
+        skipped.append((ckpt, why))
+    raise ValueError(f"no checkpoint in {path} verifies: " + "; ".join(f"{c.name}: {why}" for c, why in skipped))
+
+
+def remove_unfinished(run_dir) -> list:
+    """Delete checkpoints/step_*.tmp left by a save that was interrupted; returns what was removed."""
+    root = Path(run_dir) / "checkpoints"
+    stale = sorted(root.glob("step_*.tmp")) if root.is_dir() else []
+    for tmp in stale:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return stale
 
 
 def load_trainer_state(ckpt: Path) -> tuple[dict, dict]:

@@ -1,21 +1,44 @@
-"""`sppo-fast` command line: `train` (config dataclass <- preset <- YAML <- flags) and `plot RUN_DIR`.
+"""`sppo-fast` command line: `train` (one typed config from preset, YAML and flags) and `plot RUN_DIR`.
 
-Every field of `train.Args` is a flag (`--batch-size 32`, `--no-liger`), documented by the field's docstring.
-Precedence, lowest first: Args defaults, the embedded model's demo preset (only when --model is not given),
-the --config YAML file, then command-line flags.
+Every field of `train.Args` is a flag (`--batch-size 32`, `--no-liger`), documented by the field's docstring and
+grouped by the section comments of `Args`. Precedence, lowest first: Args defaults, a preset (`--preset NAME`; the
+embedded model's demo preset `tiny` when neither --model nor --preset is given), the config.yaml of a run being
+resumed, the --config YAML file, then command-line flags. Values from YAML are checked against the field's type the
+same way flags are (YAML 1.1 reads `1e-5` as a string: it is accepted as the float it means; a string given for a
+list option is one item, never split into characters), then `train.check_args` checks every range, before anything
+loads.
+
+Mistakes in the options, data, model path or reward are one line on stderr and exit status 2 (`--debug`, or
+SPPO_FAST_DEBUG=1, shows the traceback); anything else is a bug and keeps its traceback.
 """
 import argparse
 import ast
 import dataclasses
 import inspect
+import logging
+import math
+import os
+import re
 import sys
 from pathlib import Path
 
 import yaml
 
 PRESETS = Path(__file__).parent / "presets"
+DEMO_PRESET = "tiny"
 
 
+def quiet_third_party() -> None:
+    """Silence import-time noise that says nothing about the run: torchao's "Failed to load ... .so" (optional
+    CUDA extensions built for other torch versions; the optimizers we use are pure Python), torch's deprecation
+    notices from torchao's pytree registrations, and transformers' progress bars for reading local files."""
+    logging.getLogger("torchao").setLevel(logging.ERROR)
+    logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # read when huggingface_hub is imported
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Flags from the Args dataclass
 def field_docs(cls) -> dict:
     """The string literal under each dataclass field (the docstring-per-field convention of cleanrl's Args)."""
     tree = ast.parse(inspect.getsource(cls))
@@ -27,35 +50,120 @@ def field_docs(cls) -> dict:
     return docs
 
 
-def add_dataclass_flags(parser: argparse.ArgumentParser, cls) -> None:
-    docs = field_docs(cls)
+def field_sections(cls) -> dict:
+    """{field: section title} from the `# --- title` comments between the fields of `cls`."""
+    sections, current = {}, "options"
+    for line in inspect.getsource(cls).splitlines():
+        if m := re.match(r"\s*# --- (.+)", line):
+            current = m.group(1).strip()
+        elif m := re.match(r"\s{4}(\w+):", line):
+            sections[m.group(1)] = current
+    return sections
+
+
+_METAVARS = {int: "N", float: "X", str: "STR"}
+
+
+def add_dataclass_flags(parser: argparse.ArgumentParser, cls, demo: dict | None = None) -> None:
+    docs, sections, groups = field_docs(cls), field_sections(cls), {}
     for f in dataclasses.fields(cls):
+        section = sections.get(f.name, "options")
+        group = groups.get(section) or groups.setdefault(section, parser.add_argument_group(section))
         flag = "--" + f.name.replace("_", "-")
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        helptext = f"{docs.get(f.name, '')} (default: {default!r})"
-        kind = type(default)
-        if kind is bool:
-            parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, help=helptext,
-                                default=argparse.SUPPRESS)
-        elif kind is list:
-            parser.add_argument(flag, dest=f.name, nargs="*", help=helptext, default=argparse.SUPPRESS)
+        helptext = f"{docs.get(f.name, '')} (default: {default!r}"
+        if demo and f.name in demo and demo[f.name] != default:
+            helptext += f"; demo: {demo[f.name]!r}"
+        helptext = (helptext + ")").replace("%", "%%")  # argparse formats help strings with %
+        if f.type is bool:
+            group.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, help=helptext,
+                               default=argparse.SUPPRESS)
+        elif f.type is list:
+            group.add_argument(flag, dest=f.name, nargs="*", metavar="STR", help=helptext, default=argparse.SUPPRESS)
         else:
-            parser.add_argument(flag, dest=f.name, type=kind, help=helptext, default=argparse.SUPPRESS)
+            group.add_argument(flag, dest=f.name, type=f.type, metavar=_METAVARS.get(f.type), help=helptext,
+                               default=argparse.SUPPRESS)
 
 
-def load_yaml(path, cls) -> dict:
-    path = Path(path)
+# ---------------------------------------------------------------------------------------------------------------------
+# YAML: presets, --config, a resumed run's config.yaml; each value typed like its flag
+def coerce(name: str, value, kind, where: str):
+    """`value` (from YAML) as the Args field type `kind`, or a ConfigError naming the file, the key and the flag."""
+    from sppo_fast.train import ConfigError
+
+    def bad():
+        what = {int: "an integer", float: "a number", bool: "true or false", str: "a string",
+                list: "a list of strings"}[kind]
+        return ConfigError(f"{where}: {name} (--{name.replace('_', '-')}) must be {what}, got {value!r}")
+
+    if kind is float:
+        if isinstance(value, str):  # YAML 1.1 (PyYAML) reads 1e-5 as a string: a number needs 1.0e-5 there
+            try:
+                value = float(value)
+            except ValueError:
+                raise bad() from None
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise bad()
+        return float(value)
+    if kind is int:
+        if isinstance(value, str) and re.fullmatch(r"\s*[+-]?\d+\s*", value):
+            return int(value)
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise bad()
+        return value
+    if kind is bool:
+        if not isinstance(value, bool):
+            raise bad()
+        return value
+    if kind is list:
+        if isinstance(value, str):  # one item: `stop_strings: ",;"` is the stop string ",;", not "," and ";"
+            return [value]
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise bad()
+        return list(value)
+    if value is None:  # `critic:` with nothing after it
+        return ""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):  # `run_name: 7`, `memory_budget: 20`
+        return str(value)
+    if not isinstance(value, str):
+        raise bad()
+    return value
+
+
+def load_yaml(path, cls, where: str | None = None) -> dict:
+    """The options in a YAML mapping, typed as `cls`'s fields; unknown keys and wrong types are ConfigErrors."""
+    from sppo_fast.train import ConfigError
+
+    path, where = Path(path), where or str(path)
     if not path.is_file():
-        raise FileNotFoundError(f"config file {path} not found")
-    values = yaml.safe_load(path.read_text()) or {}
+        raise ConfigError(f"{where}: file not found")
+    try:
+        values = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{where}: not valid YAML ({str(e).splitlines()[0]})") from None
     if not isinstance(values, dict):
-        raise ValueError(f"{path}: expected a mapping of option: value, got {type(values).__name__}")
-    names = {f.name for f in dataclasses.fields(cls)}
-    values = {k.replace("-", "_"): v for k, v in values.items()}
-    unknown = sorted(set(values) - names)
+        raise ConfigError(f"{where}: expected a mapping of option: value, got {type(values).__name__}")
+    kinds = {f.name: f.type for f in dataclasses.fields(cls)}
+    values = {str(k).replace("-", "_"): v for k, v in values.items()}
+    unknown = sorted(set(values) - set(kinds))
     if unknown:
-        raise ValueError(f"{path}: unknown option(s) {unknown}; see `sppo-fast train --help`")
-    return values
+        raise ConfigError(f"{where}: unknown option(s) {unknown}; see `sppo-fast train --help`")
+    return {k: coerce(k, v, kinds[k], where) for k, v in values.items()}
+
+
+def preset_names() -> list:
+    return sorted(p.stem for p in PRESETS.glob("*.yaml"))
+
+
+def load_preset(name: str, cls) -> dict:
+    from sppo_fast.train import ConfigError
+
+    path = PRESETS / f"{name}.yaml"
+    if not path.is_file():
+        raise ConfigError(f"--preset {name!r}: no such preset; available: {', '.join(preset_names())}")
+    return load_yaml(path, cls, where=f"preset {name} ({path})")
 
 
 def _resumed_config(resume, cls) -> dict:
@@ -68,51 +176,97 @@ def _resumed_config(resume, cls) -> dict:
     if not config.is_file():
         return {}
     saved = yaml.safe_load(config.read_text()) or {}
-    names = {f.name for f in dataclasses.fields(cls)} - {"resume", "run_name", "out_dir"}
-    return {k: v for k, v in saved.items() if k in names}
+    names = {f.name for f in dataclasses.fields(cls)} - {"resume", "run_name", "out_dir", "overwrite"}
+    saved = {k: v for k, v in saved.items() if k in names}
+    return load_yaml_values(saved, cls, where=str(config))
+
+
+def load_yaml_values(values: dict, cls, where: str) -> dict:
+    kinds = {f.name: f.type for f in dataclasses.fields(cls)}
+    return {k: coerce(k, v, kinds[k], where) for k, v in values.items()}
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# train
+def train_parser(demo: dict | None = None) -> argparse.ArgumentParser:
+    from sppo_fast.train import Args
+
+    demo = demo if demo is not None else load_preset(DEMO_PRESET, Args)
+    demo_text = ", ".join(f"{k}={v}" for k, v in demo.items())
+    parser = argparse.ArgumentParser(
+        prog="sppo-fast train", usage="sppo-fast train [--preset NAME] [--config FILE.yaml] [--OPTION VALUE ...]",
+        description="Train a causal LM with SPPO (or GRPO / PPO) on verifiable rewards.",
+        epilog=f"Without --model (and --preset), the embedded tiny model runs the CPU demo with its preset "
+               f"sppo_fast/presets/{DEMO_PRESET}.yaml: {demo_text}. Precedence, lowest first: defaults, preset, "
+               f"a resumed run's config.yaml, --config, flags.")
+    run = parser.add_argument_group("run")
+    run.add_argument("--config", default=None, metavar="FILE.yaml", help="YAML file of options (flags override it)")
+    run.add_argument("--preset", default=None, metavar="NAME",
+                     help=f"named option set, overridden by --config and flags: {', '.join(preset_names())} "
+                          f"(sppo_fast/presets/NAME.yaml; deepscaler-1.5b and dapo-7b are the official SPPO runs')")
+    run.add_argument("--debug", action="store_true", help="show the traceback of a configuration error")
+    add_dataclass_flags(parser, Args, demo)
+    return parser
 
 
 def build_args(argv=None):
-    """Parse `train` flags into a train.Args, applying preset, YAML and flags in that order."""
-    from sppo_fast.train import Args
+    """Parse `train` flags into a train.Args: preset, resumed config, YAML and flags, in that order, each typed."""
+    from sppo_fast.train import Args, ConfigError
 
-    parser = argparse.ArgumentParser(prog="sppo-fast train", description="Train a causal LM with SPPO (or GRPO).",
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--config", default=None, help="YAML file of options (flags override it)")
-    add_dataclass_flags(parser, Args)
-    ns = vars(parser.parse_args(argv))
-    config_path = ns.pop("config")
-    from_yaml = load_yaml(config_path, Args) if config_path else {}
-    values = {**from_yaml, **ns}
+    ns = vars(train_parser().parse_args(argv))
+    config_path, preset = ns.pop("config"), ns.pop("preset")
+    ns.pop("debug")
+    values = dict(ns)
+    if config_path:
+        values = {**load_yaml(config_path, Args), **values}
     resume = values.get("resume")
-    if resume:  # a resumed run keeps its own config; flags given now (e.g. a larger --steps) still win
-        saved = _resumed_config(resume, Args)
-        values = {**saved, **values}
-    if not values.get("model"):  # the embedded tiny model comes with its own demo hyperparameters
-        values = {**load_yaml(PRESETS / "tiny.yaml", Args), **values}
+    if resume:  # a resumed run keeps its own config; flags and --config given now (e.g. a larger --steps) still win
+        values = {**_resumed_config(resume, Args), **values}
+    if preset:
+        preset_values = load_preset(preset, Args)
+        if preset != DEMO_PRESET and not values.get("model"):
+            raise ConfigError(f"--preset {preset} is the configuration of a real model's run: give that model's "
+                              f"local directory with --model (see sppo_fast/presets/{preset}.yaml)")
+        values = {**preset_values, **values}
+    elif not values.get("model"):  # the embedded tiny model comes with its own demo hyperparameters
+        values = {**load_preset(DEMO_PRESET, Args), **values}
     return Args(**values)
 
 
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
-        print("usage: sppo-fast {train,plot} ...\n\n  train  train a causal LM with SPPO (or GRPO); "
+        print("usage: sppo-fast {train,plot} ...\n\n  train  train a causal LM with SPPO (or GRPO / PPO); "
               "`sppo-fast train` alone runs the CPU demo\n  plot   draw RUN_DIR/metrics.jsonl into a PNG")
         return 0
     command, rest = argv[0], argv[1:]
-    if command == "train":
-        from sppo_fast.train import main as train_main
-        result = train_main(build_args(rest))
-        return 130 if result.get("interrupted") else 0
-    if command == "plot":
-        parser = argparse.ArgumentParser(prog="sppo-fast plot")
-        parser.add_argument("run_dir")
-        parser.add_argument("--out", default=None, help="PNG path (default RUN_DIR/curves.png)")
-        parser.add_argument("--keys", nargs="*", default=None, help="metrics to draw (default: all)")
-        ns = parser.parse_args(rest)
-        from sppo_fast.metrics import plot
-        print(plot(ns.run_dir, ns.out, ns.keys))
-        return 0
+    debug = "--debug" in rest or os.environ.get("SPPO_FAST_DEBUG", "") not in ("", "0")
+    quiet_third_party()
+    try:
+        if command == "train":
+            from sppo_fast.train import main as train_main
+            result = train_main(build_args(rest))
+            return 130 if result.get("interrupted") else 0
+        if command == "plot":
+            parser = argparse.ArgumentParser(prog="sppo-fast plot")
+            parser.add_argument("run_dir")
+            parser.add_argument("--out", default=None, help="PNG path (default RUN_DIR/curves.png)")
+            parser.add_argument("--keys", nargs="*", default=None,
+                                help="metrics to draw (default: every one that changes, learning curves first)")
+            ns = parser.parse_args(rest)
+            from sppo_fast.metrics import plot
+            try:
+                print(plot(ns.run_dir, ns.out, ns.keys))
+            except (FileNotFoundError, ValueError) as e:  # not a run directory, a damaged file: the user's input
+                from sppo_fast.train import ConfigError
+                raise ConfigError(str(e)) from e
+            return 0
+    except Exception as e:
+        from sppo_fast.train import ConfigError
+        if not isinstance(e, ConfigError) or debug:
+            raise
+        print(f"sppo-fast {command}: error: {e}", file=sys.stderr)
+        return 2
     print(f"sppo-fast: unknown command {command!r} (expected train or plot)", file=sys.stderr)
     return 2
 

@@ -26,13 +26,21 @@ Row = dict[str, Any]
 # loading
 
 
+class MissingFieldError(ValueError):
+    """A row lacks a required column; ``field`` names it (the trainer maps it to the flag that fixes it)."""
+
+    def __init__(self, message: str, field: str):
+        super().__init__(message)
+        self.field = field
+
+
 def _check_row(row: Any, required: Sequence[str], prompt_field: str, where: str) -> Row:
     """Validate one row; ``where`` is e.g. "data.jsonl line 7" and starts every error message."""
     if not isinstance(row, dict):
         raise ValueError(f"{where}: expected a JSON object, got {type(row).__name__}")
     for field in required:
         if field not in row:
-            raise ValueError(f"{where}: missing field '{field}' (fields present: {sorted(row)})")
+            raise MissingFieldError(f"{where}: missing field '{field}' (fields present: {sorted(row)})", field)
         if row[field] is None:
             raise ValueError(f"{where}: field '{field}' is null")
     if prompt_field in row and not isinstance(row[prompt_field], str):
@@ -231,8 +239,8 @@ def filter_long_prompts(rows: Sequence[Row], tokenizer, max_prompt_tokens: int, 
     lengths = prompt_lengths(texts, tokenizer, add_special_tokens=not chat_template)
     kept = [r for r, n in zip(rows, lengths) if n <= max_prompt_tokens]
     if not kept:
-        raise ValueError(f"all {len(rows)} prompts are longer than max_prompt_tokens={max_prompt_tokens} "
-                         f"(shortest is {min(lengths)} tokens); raise the limit")
+        raise ValueError(f"all {len(rows)} prompts are longer than {max_prompt_tokens} tokens (the shortest has "
+                         f"{min(lengths)})")
     return kept, len(rows) - len(kept)
 
 

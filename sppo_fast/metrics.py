@@ -5,17 +5,27 @@ from pathlib import Path
 
 
 class MetricsLogger:
-    """Appends one JSON object per logged step to RUN_DIR/metrics.jsonl and mirrors scalars to TensorBoard."""
+    """Appends one JSON object per logged step to RUN_DIR/metrics.jsonl and mirrors scalars to TensorBoard.
 
-    def __init__(self, run_dir, tensorboard: bool = True, append: bool = True):
+    `resume_step=N` continues a run from its checkpoint at step N: rows logged after N (by the run that went past
+    its last checkpoint before it stopped) are dropped from metrics.jsonl, and TensorBoard is told to hide its events
+    after N (`purge_step`), so every step appears once. Without it the file starts empty."""
+
+    def __init__(self, run_dir, tensorboard: bool = True, resume_step: int | None = None):
         self.path = Path(run_dir) / "metrics.jsonl"
-        if not append:  # a fresh run reusing a directory starts a fresh file (a resumed one continues it)
+        if resume_step is None:
             self.path.unlink(missing_ok=True)
+        elif self.path.is_file():
+            kept = [r for r in read_rows(self.path) if r.get("step", 0) <= resume_step]
+            tmp = self.path.with_suffix(".jsonl.tmp")
+            tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
+            tmp.replace(self.path)  # atomic: a crash here leaves the old file, never half of it
         self.tb = None
         if tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
-                self.tb = SummaryWriter(str(Path(run_dir) / "tb"))
+                purge = None if resume_step is None else resume_step + 1
+                self.tb = SummaryWriter(str(Path(run_dir) / "tb"), purge_step=purge)
             except ImportError:  # tensorboard is a dependency, but a broken install should not stop training
                 self.tb = None
 
@@ -32,23 +42,59 @@ class MetricsLogger:
             self.tb.close()
 
 
+def read_rows(path) -> list:
+    """The rows of a metrics.jsonl. A last line cut short (the process died mid-write) is dropped; a bad line
+    anywhere else is an error naming it."""
+    lines = Path(path).read_text().splitlines()
+    rows = []
+    for i, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            if i == len(lines):
+                break
+            raise ValueError(f"{path} line {i}: not valid JSON ({e.msg}); the file is damaged") from None
+    return rows
+
+
 def read_metrics(run_dir) -> list:
     path = Path(run_dir) / "metrics.jsonl"
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: is {run_dir} a sppo-fast run directory?")
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return read_rows(path)
+
+
+# Panel order: what a user reads first. Learning (held-out accuracy, train reward), then the critic's calibration,
+# then the losses and PPO statistics; timing, memory, learning rates and counters last.
+PANEL_ORDER = ("eval/pass@1", "eval/avg@", "reward/", "eval/value_pearson", "value/pearson", "eval/value_mean",
+               "value/mean", "eval/", "losses/", "stats/", "rollout/", "value/", "perf/", "time/", "memory/", "lr/")
+
+
+def panel_keys(rows: list) -> list:
+    """The keys worth a panel, in PANEL_ORDER: series with at least two distinct finite values (a constant line,
+    e.g. the clip fraction when the ratio is 1 by construction, says nothing)."""
+    series = {}
+    for r in rows:
+        for k, v in r.items():
+            if k != "step" and isinstance(v, (int, float)) and math.isfinite(v):
+                series.setdefault(k, set()).add(v)
+    keys = [k for k, values in series.items() if len(values) > 1]
+    rank = lambda k: next((i for i, prefix in enumerate(PANEL_ORDER) if k.startswith(prefix)), len(PANEL_ORDER))
+    return sorted(keys, key=lambda k: (rank(k), k))
 
 
 def plot(run_dir, out=None, keys=None) -> Path:
-    """Draw every logged key (or `keys`) against step, one panel per key, into RUN_DIR/curves.png."""
+    """Draw the logged keys (or `keys`) against step, one panel each, learning curves first, into curves.png."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     rows = read_metrics(run_dir)
-    keys = keys or sorted({k for r in rows for k in r if k != "step"})
+    keys = keys or panel_keys(rows)
     if not keys:
-        raise ValueError(f"{run_dir}/metrics.jsonl has no metrics to plot")
+        raise ValueError(f"{run_dir}/metrics.jsonl has no metric that changes over the run: nothing to plot")
     cols = 3
     nrows = math.ceil(len(keys) / cols)
     fig, axes = plt.subplots(nrows, cols, figsize=(4.2 * cols, 2.8 * nrows), squeeze=False)

@@ -14,11 +14,15 @@ One step, as data (../DESIGN.md has the picture):
 The critic is a Linear(H, 1) on the policy's own prompt state: causal attention makes that state independent of the
 response, so the same forward serves the log-probs and the critic, and V needs no extra pass.
 """
+import inspect
+import math
 import random
+import re
+import shutil
 import signal
 import sys
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 import torch
@@ -30,7 +34,7 @@ from sppo_fast.metrics import MetricsLogger
 from sppo_fast.hf import lm_head_params
 from sppo_fast.model import (attention_implementation, check_model_dir, hidden_states, load_critic, load_policy,
                              load_tokenizer)
-from sppo_fast.rollout import generate, pack, resolve_backend, split_by_tokens
+from sppo_fast.rollout import BACKENDS, generate, pack, resolve_backend, split_by_tokens
 from sppo_fast.value_head import ValueHead, pool_prompt_states
 
 
@@ -56,17 +60,20 @@ class Args:
     system_prompt: str = ""
     """system message when chat_template is on"""
     max_prompt_tokens: int = 1024
-    """prompts longer than this are skipped (and counted)"""
+    """prompts longer than this, or than the model's context minus max_new_tokens, are skipped (and counted)"""
     reward: str = "exact"
     """reward: exact | gsm8k | math | code | module:fn | path/to/file.py:fn  (fn(prompts, completions, **columns))"""
+    code_sandbox: str = "namespaces"
+    """how --reward code contains model-written programs: namespaces (sppo_fast/sandbox.py: mount, PID and network
+    namespaces, rlimits) or none (explicit opt-out: the programs run uncontained)"""
 
     # --- algorithm
     algo: str = "sppo"
     """sppo (one sample per prompt, value-head baseline), grpo (group_size samples, group-mean baseline) or ppo
     (one sample per prompt, a separate critic LLM with token values and GAE)"""
     critic: str = ""
-    """separate critic model directory: for sppo, the paper's separate scalar critic (value head on the critic's
-    prompt state); for ppo, the critic LLM (default: a copy of the policy's initial weights)"""
+    """separate critic model directory, or 'policy' for a copy of the policy's initial weights: for sppo, the paper's
+    separate scalar critic (value head on the critic's prompt state); for ppo, the critic LLM (default: 'policy')"""
     gae_lambda: float = 0.95
     """PPO: GAE lambda (gamma is 1: one terminal reward per response)"""
     value_clip: float = 0.2
@@ -95,10 +102,17 @@ class Args:
     """value-head learning rate (a linear head wants a higher rate than the paper's 5e-6 for a full critic LLM)"""
     weight_decay: float = 0.0
     """AdamW weight decay of the policy"""
+    value_weight_decay: float = 0.0
+    """AdamW weight decay of the value head and the critic LLM"""
     warmup_steps: int = 0
     """linear learning-rate warm-up steps"""
     max_grad_norm: float = 1.0
-    """gradient clipping of policy + value head (0 disables)"""
+    """gradient-norm clipping of the policy's parameters (0 disables)"""
+    value_max_grad_norm: float = 1.0
+    """gradient-norm clipping of the value head + critic LLM, apart from the policy's (0 disables)"""
+    grad_clip: str = "separate"
+    """separate: policy and value parameters clipped apart, as the official SPPO code does; joint: one norm over
+    both at --max-grad-norm (the demo preset was tuned with it)"""
     clip_low: float = 0.2
     """PPO ratio clip below 1"""
     clip_high: float = 0.2
@@ -182,25 +196,104 @@ class Args:
     keep_last: int = 3
     """checkpoints kept"""
     resume: str = ""
-    """resume from a run directory (its latest checkpoint) or a checkpoint directory"""
+    """resume from a run directory (its newest checkpoint that verifies) or a checkpoint directory"""
+    overwrite: bool = False
+    """delete an existing run directory of the same name first (without it, an existing run is refused)"""
+
+
+class ConfigError(ValueError):
+    """A mistake in the run's options, data, model path or reward: `sppo-fast` prints the message on one line and
+    exits with status 2 (`--debug` shows the traceback). Everything else is a bug and keeps its traceback."""
+
+
+def flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+CHOICES = {"algo": ("sppo", "grpo", "ppo"), "loss_agg": ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum"),
+           "ratio_level": ("token", "sequence"), "value_loss": ("bce", "mse"), "value_pooling": ("last", "mean"),
+           "kernel_impl": ("auto", "triton", "torch"), "grad_clip": ("separate", "joint"),
+           "code_sandbox": ("namespaces", "none"), "rollout_backend": ("auto", *BACKENDS),
+           "memory_plan": ("auto", "fp32", "ckpt", "bf16", "8bit", "offload")}
+# Valid ranges in interval notation, exactly as the error messages print them. Fields not listed take any value of
+# their type (floats must still be finite).
+RANGES = {
+    "eval_size": "[1, inf)", "max_prompt_tokens": "[1, inf)", "gae_lambda": "[0, 1]", "value_clip": "(0, inf)",
+    "steps": "[1, inf)", "batch_size": "[1, inf)", "group_size": "[1, inf)", "temperature": "(0, inf)",
+    "top_p": "(0, 1]", "max_new_tokens": "[1, inf)", "min_new_tokens": "[0, inf)", "lr": "[0, inf)",
+    "value_lr": "[0, inf)", "weight_decay": "[0, inf)", "value_weight_decay": "[0, inf)", "warmup_steps": "[0, inf)",
+    "max_grad_norm": "[0, inf)", "value_max_grad_norm": "[0, inf)", "clip_low": "[0, 1)", "clip_high": "[0, inf)",
+    "dual_clip": "[0, inf)", "value_coef": "[0, inf)", "num_minibatches": "[1, inf)", "micro_batch_tokens": "[1, inf)",
+    "eval_every": "[0, inf)", "eval_k": "[1, inf)", "seed": "[0, inf)", "lora_rank": "[0, inf)",
+    "lora_alpha": "[1, inf)", "check_inputs_steps": "[0, inf)", "gen_batch_size": "[0, inf)", "threads": "[0, inf)",
+    "max_nonfinite_steps": "[1, inf)", "log_every": "[1, inf)", "save_every": "[0, inf)", "keep_last": "[0, inf)",
+}
+
+
+def in_range(value, interval: str) -> bool:
+    lo, hi = (x.strip() for x in interval[1:-1].split(","))
+    lo, hi = float(lo), float(hi)
+    above = value >= lo if interval[0] == "[" else value > lo
+    below = value <= hi if interval[-1] == "]" else value < hi
+    return above and below
+
+
+_TYPE_NAMES = {int: "an integer", float: "a finite number", bool: "true or false", str: "a string",
+               list: "a list of strings"}
+
+
+def type_ok(value, kind) -> bool:
+    """`value` is a valid `kind` for an Args field (an int is a valid float; a bool is never a number)."""
+    if kind is bool:
+        return isinstance(value, bool)
+    if isinstance(value, bool):
+        return False
+    if kind is int:
+        return isinstance(value, int)
+    if kind is float:
+        return isinstance(value, (int, float)) and math.isfinite(value)
+    if kind is list:
+        return isinstance(value, list) and all(isinstance(v, str) for v in value)
+    return isinstance(value, kind)
 
 
 def check_args(args: Args) -> None:
-    choices = {"algo": ("sppo", "grpo", "ppo"), "loss_agg": ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum"),
-               "ratio_level": ("token", "sequence"), "value_loss": ("bce", "mse"), "value_pooling": ("last", "mean"),
-               "kernel_impl": ("auto", "triton", "torch")}
-    for name, allowed in choices.items():
+    """Every option's type and range, and the combinations that cannot work: the first mistake is a ConfigError
+    naming the flag and what it accepts. Runs before anything is loaded or written."""
+    for f in fields(Args):
+        value = getattr(args, f.name)
+        if not type_ok(value, f.type):
+            raise ConfigError(f"{flag(f.name)} must be {_TYPE_NAMES[f.type]}, got {value!r}")
+    for name, allowed in CHOICES.items():
         if getattr(args, name) not in allowed:
-            raise ValueError(f"--{name.replace('_', '-')} must be one of {allowed}, got {getattr(args, name)!r}")
-    for name in ("steps", "batch_size", "group_size", "max_new_tokens", "num_minibatches", "micro_batch_tokens"):
-        if getattr(args, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+            raise ConfigError(f"{flag(name)} must be one of {', '.join(allowed)}; got {getattr(args, name)!r}")
+    for name, interval in RANGES.items():
+        if not in_range(getattr(args, name), interval):
+            raise ConfigError(f"{flag(name)} must be in {interval}, got {getattr(args, name)}")
+    if 0 < args.dual_clip <= 1:
+        raise ConfigError(f"--dual-clip must be 0 (off) or > 1 (the dual-clip bound c > 1), got {args.dual_clip}")
+    if args.min_new_tokens > args.max_new_tokens:
+        raise ConfigError(f"--min-new-tokens {args.min_new_tokens} is larger than --max-new-tokens "
+                          f"{args.max_new_tokens}")
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", args.device):
+        raise ConfigError(f"--device must be auto, cpu, cuda or cuda:N; got {args.device!r}")
     if args.algo == "grpo" and args.group_size < 2:
-        raise ValueError("GRPO needs --group-size >= 2 (its baseline is the group mean)")
+        raise ConfigError("--group-size must be >= 2 for --algo grpo (its baseline is the group mean)")
     if args.critic and args.algo == "grpo":
-        raise ValueError("--critic is for sppo and ppo; GRPO has no value function")
+        raise ConfigError("--critic is for --algo sppo and ppo; GRPO has no value function")
     if args.num_minibatches > args.batch_size * (args.group_size if args.algo == "grpo" else 1):
-        raise ValueError("--num-minibatches is larger than the number of samples per step")
+        raise ConfigError(f"--num-minibatches {args.num_minibatches} is larger than the {args.batch_size} samples "
+                          f"of a step (--batch-size)")
+    if args.resume and args.overwrite:
+        raise ConfigError("--resume continues a run and --overwrite deletes it: give one of them")
+    if args.run_name and (Path(args.run_name).name != args.run_name or args.run_name in (".", "..")):
+        raise ConfigError(f"--run-name must be a plain directory name (it goes under --out-dir), got "
+                          f"{args.run_name!r}")
+    if args.memory_budget:
+        try:
+            memory.parse_bytes(args.memory_budget)
+        except ValueError as e:
+            raise ConfigError(f"--memory-budget: {e}") from None
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -210,8 +303,19 @@ def score_rewards(reward_fn, rows, samples, args) -> torch.Tensor:
     sample_rows = [rows[s.row] for s in samples]
     columns = {k: [r.get(k) for r in sample_rows] for k in sample_rows[0] if k != "prompt"}
     values = rewards.compute_rewards(reward_fn, [r["prompt"] for r in sample_rows], [s.text for s in samples],
-                                     columns, allow_outside_unit=args.value_loss == "mse" or args.algo != "sppo")
+                                     columns, allow_outside_unit=True)
+    check_reward_range(values, args)
     return torch.tensor(values, dtype=torch.float32)
+
+
+def check_reward_range(values, args) -> None:
+    """SPPO's BCE value loss reads V as P(success): rewards must lie in [0, 1]; MSE (and GRPO/PPO) take any."""
+    if args.algo != "sppo" or args.value_loss != "bce":
+        return
+    for i, v in enumerate(values):
+        if not 0.0 <= v <= 1.0:
+            raise ConfigError(f"--reward {args.reward} gave {v:g} for sample {i}, outside [0, 1]: the BCE value loss "
+                              f"predicts a probability of success; use --value-loss mse for rewards on another scale")
 
 
 def group_advantages(R: torch.Tensor, group_size: int, scale_std: bool) -> torch.Tensor:
@@ -388,18 +492,33 @@ class Stepper:
                 adv_tok = adv if adv.shape[0] == batch.num_resp_tokens else adv.repeat_interleave(
                     torch.tensor(lengths, device=self.device))
                 _acc(totals, "stats/advantage_abs", adv_tok.abs().sum() / (n_tok * args.num_minibatches))
-            params = memory.params_for_clipping(self.optimizer)  # offload: the host grads the step will use
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm if args.max_grad_norm > 0 else 1e30)
-            # The one host sync of the update: a NaN/inf step is skipped instead of poisoning the weights.
-            if not torch.isfinite(grad_norm):
+            grad_norm, value_grad_norm = clip_grad_norms(self.optimizer, args)
+            # The host sync of the update: a NaN/inf step is skipped instead of poisoning the weights.
+            if not all(torch.isfinite(n) for n in (grad_norm, value_grad_norm) if n is not None):
                 self.optimizer.zero_grad(set_to_none=True)
                 totals["nonfinite"] = torch.ones(())
                 continue
             self.optimizer.step()
             _acc(totals, "stats/grad_norm", grad_norm / args.num_minibatches)
+            if value_grad_norm is not None:
+                _acc(totals, "stats/value_grad_norm", value_grad_norm / args.num_minibatches)
         self.optimizer.zero_grad(set_to_none=True)  # grads are dead after the step: free them for the rollout
         self.scheduler.step()
         return totals, values if self.value_head is not None else None
+
+
+def clip_grad_norms(optimizer, args):
+    """Clip the policy's gradient and the value parameters' (head + critic LLM) each to its own norm, as the official
+    SPPO code clips actor and critic apart: under one joint norm a large value gradient would shrink the policy's
+    step. Returns both pre-clip norms (the value one is None without a value function, or under --grad-clip joint,
+    whose one norm is the first)."""
+    params = memory.params_for_clipping(optimizer)  # offload: waits until the host grads the step will use landed
+    if args.grad_clip == "joint":
+        return torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm if args.max_grad_norm > 0 else 1e30), None
+    limits = (args.max_grad_norm, args.value_max_grad_norm)  # param group 0 is the policy, group 1 the value side
+    norms = [torch.nn.utils.clip_grad_norm_(group["params"], limit if limit > 0 else 1e30)
+             for group, limit in zip(optimizer.param_groups, limits)]
+    return norms[0], norms[1] if len(norms) > 1 else None
 
 
 def gae_advantages(values: torch.Tensor, R: torch.Tensor, lengths: list, lam: float) -> torch.Tensor:
@@ -471,49 +590,224 @@ def _evaluate(stepper, eval_rows, eval_texts, reward_fn, args) -> dict:
         # each prompt's V against each of its k samples (torchrun: all ranks', in the order of R_sampled)
         V = distributed.all_gather_cat(torch.cat(values)).repeat_interleave(args.eval_k)
         out["eval/value_mean"] = V.mean().item()
-        out["eval/value_pearson"] = pearson(V, R_sampled)
+        if (r := pearson(V, R_sampled)) is not None:  # omitted, not NaN, when all rewards (or values) are equal
+            out["eval/value_pearson"] = r
     return out
 
 
-def pearson(x: torch.Tensor, y: torch.Tensor) -> float:
+def pearson(x: torch.Tensor, y: torch.Tensor) -> float | None:
     x, y = x.double() - x.double().mean(), y.double() - y.double().mean()
     denom = (x.square().sum() * y.square().sum()).sqrt()
-    return float((x * y).sum() / denom) if denom > 0 else float("nan")
+    return float((x * y).sum() / denom) if denom > 0 else None  # undefined when either side is constant
 
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Setup and the loop
-def main(args: Args) -> dict:
-    check_args(args)
+@dataclass
+class Preflight:
+    """What `preflight` checked and resolved, before any model loads or any directory is written."""
+    args: Args
+    model_path: str
+    critic_path: str | None  # the separate critic LLM's initial weights (PPO, or SPPO with --critic)
+    resume_ckpt: Path | None
+    run_dir: Path
+    tokenizer: object
+    train_rows: list
+    eval_rows: list
+    train_texts: list  # what the policy sees (chat template applied once, up front); rows keep the raw prompt
+    eval_texts: list
+    reward_fn: object
+    shape: object
+    plan: object
+    notes: list  # lines to print once the run starts
+
+
+def preflight(args: Args, device: torch.device) -> Preflight:
+    """Check everything that can be wrong with a run before anything is loaded or written, each mistake a
+    ConfigError naming the flag: options, model and critic directories, the run directory, the reward (importable,
+    and callable on one row), the data (readable, the columns the reward reads, an eval split), prompt lengths against
+    the model's context, the memory plan. Costs a tokenizer load and one reward call."""
     from sppo_fast.tiny import default_model_path  # the embedded model ships inside the package
 
-    model_path = str(check_model_dir(args.model or default_model_path()))  # a clear error before anything else
+    check_args(args)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"--device {args.device}: no CUDA device is available here (use --device cpu or auto)")
+    model_path = str(_user_errors(check_model_dir, args.model or default_model_path(), flag="--model"))
+    critic_path = None
+    if args.algo == "ppo" or args.critic:
+        critic_path = model_path if args.critic in ("", "policy") else str(
+            _user_errors(check_model_dir, args.critic, flag="--critic"))
+    notes = []
+
+    # --- the run directory: the resumed run's own, or a new one (an existing run is never mixed into)
+    resume_ckpt = None
+    if args.resume:
+        resume_ckpt, skipped = _user_errors(checkpoint.newest_valid, args.resume, flag="--resume")
+        notes += [f"--resume: skipped {path}: {why}" for path, why in skipped]
+        run_dir = resume_ckpt.resolve().parent.parent  # a checkpoint lives at RUN_DIR/checkpoints/step_N
+    else:
+        name = args.run_name or f"{args.algo}__{Path(model_path).name}__{args.seed}__{time.strftime('%Y%m%d-%H%M%S')}"
+        run_dir = Path(args.out_dir) / name
+    refused = None
+    if run_dir.exists() and not run_dir.is_dir():
+        refused = f"run directory {run_dir} exists and is not a directory (--out-dir / --run-name)"
+    elif not args.resume and not args.overwrite and run_dir.is_dir() and any(run_dir.iterdir()):
+        refused = (f"run directory {run_dir} already exists: continue it with --resume {run_dir}, replace it with "
+                   f"--overwrite, or choose another --run-name")
+    # torchrun: rank 0's directory (the name holds a time stamp) and rank 0's verdict, taken before it writes there
+    run_dir, refused = distributed.broadcast_object((run_dir, refused))
+    if refused:
+        raise ConfigError(refused)
+
+    # --- reward and data: the reward decides which columns every row must have
+    sandbox = {"code_sandbox": args.code_sandbox} if args.code_sandbox != "namespaces" else {}  # the opt-out
+    reward_fn = _user_errors(rewards.get_reward_fn, args.reward, **sandbox, flag="--reward")
+    columns = reward_columns(args.reward, reward_fn)
+    train_rows, eval_rows = load_data(args, columns)
+    tokenizer = load_tokenizer(model_path)
+    fmt = dict(chat_template=args.chat_template, system_prompt=args.system_prompt or None)
+    context = model_context(model_path)
+    limit, why = args.max_prompt_tokens, f"--max-prompt-tokens {args.max_prompt_tokens}"
+    if context is not None:
+        room = context - args.max_new_tokens  # prompt + response must fit the positions the model was trained on
+        if room < 1:
+            raise ConfigError(f"--max-new-tokens {args.max_new_tokens} leaves no room for a prompt in the model's "
+                              f"context of {context} tokens (max_position_embeddings)")
+        if room < limit:
+            limit, why = room, f"the model's context {context} minus --max-new-tokens {args.max_new_tokens}"
+    _user_errors(data.format_prompts, train_rows[:1], tokenizer, **fmt, flag="--chat-template")
+    kept, skipped = {}, {}
+    for split, rows in (("train", train_rows), ("eval", eval_rows)):
+        try:
+            kept[split], skipped[split] = data.filter_long_prompts(rows, tokenizer, limit, **fmt)
+        except ValueError as e:  # every prompt is too long
+            raise ConfigError(f"{split} data: {e}; the limit is {why}") from None
+    train_rows, eval_rows = kept["train"], kept["eval"]
+    if skipped["train"] or skipped["eval"]:
+        notes.append(f"skipped {skipped['train']} train and {skipped['eval']} eval prompts longer than {limit} tokens "
+                     f"({why})")
+    train_texts = data.format_prompts(train_rows, tokenizer, **fmt)
+    eval_texts = data.format_prompts(eval_rows, tokenizer, **fmt)
+    check_reward_on_one_row(reward_fn, train_rows[0], args)
+
+    # --- memory plan (sppo_fast/memory.py): weights dtype, optimizer, checkpointing and batch sizes from the budget;
+    # a budget that cannot work fails here, saying what each phase needs
+    shape = memory.model_shape(model_path, lora_rank=args.lora_rank, critic=critic_path is not None)
+    plan = _user_errors(memory.make_plan, shape, budget=args.memory_budget or None, level=args.memory_plan,
+                        seq_len=args.max_prompt_tokens + args.max_new_tokens, prompt_len=args.max_prompt_tokens,
+                        micro_batch_tokens=args.micro_batch_tokens, gen_batch_size=args.gen_batch_size,
+                        batch_sequences=args.batch_size * (args.group_size if args.algo == "grpo" else 1),
+                        gradient_checkpointing=args.gradient_checkpointing, cuda=device.type == "cuda",
+                        kernel_impl=args.kernel_impl, flag="--memory-budget / --memory-plan")
+    args = replace(args, gradient_checkpointing=plan.gradient_checkpointing, micro_batch_tokens=plan.micro_batch_tokens,
+                   gen_batch_size=plan.gen_batch_size)  # resolved once; config.yaml records them
+    return Preflight(args, model_path, critic_path, resume_ckpt, run_dir, tokenizer, train_rows, eval_rows,
+                     train_texts, eval_texts, reward_fn, shape, plan, notes)
+
+
+def _user_errors(fn, *a, flag: str, **kw):
+    """fn(*a, **kw), its input errors (bad path, bad value, unimportable module) turned into a ConfigError."""
+    try:
+        return fn(*a, **kw)
+    except ConfigError:
+        raise
+    except (ValueError, OSError, ImportError, AttributeError, TypeError) as e:
+        raise ConfigError(f"{flag}: {e}") from e
+
+
+# the dataset columns each built-in reward reads (a plugin's are its keyword parameters without a default)
+REWARD_COLUMNS = {"exact": ("answer",), "gsm8k": ("answer",), "math": ("answer",), "code": ("tests",)}
+
+
+def reward_columns(spec: str, fn) -> tuple:
+    if spec.strip() in REWARD_COLUMNS:
+        return REWARD_COLUMNS[spec.strip()]
+    try:
+        params = list(inspect.signature(fn).parameters.values())[2:]  # after (prompts, completions)
+    except (TypeError, ValueError):  # a callable without an inspectable signature: checked by the one-row call
+        return ()
+    return tuple(p.name for p in params if p.default is p.empty and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY))
+
+
+def load_data(args: Args, columns: tuple) -> tuple[list, list]:
+    """(train_rows, eval_rows); every error names the file, the row and the flag that fixes it."""
+    if args.data == "synthetic":
+        return data.load_dataset("synthetic", synthetic_n_eval=args.eval_size, seed=args.seed)
+    fields_needed = (args.prompt_field, *(args.answer_field if c == "answer" else c for c in columns))
+    hints = {args.prompt_field: "--prompt-field names the column holding the prompts",
+             args.answer_field: f"--answer-field names the column holding the reference answers (--reward "
+                                f"{args.reward} reads it)"}
+
+    def read(path, which):
+        try:
+            return data.load_rows(path, prompt_field=args.prompt_field, required=fields_needed)
+        except data.MissingFieldError as e:
+            hint = hints.get(e.field, f"--reward {args.reward} reads the column {e.field!r}")
+            raise ConfigError(f"{which} {e} ({hint})") from None
+        except (ValueError, OSError, ImportError) as e:
+            raise ConfigError(f"{which} {e}") from None
+
+    rows = read(args.data, "--data")
+    if args.eval_data:
+        train, evals = rows, read(args.eval_data, "--eval-data")
+    elif args.eval_size >= len(rows):
+        raise ConfigError(f"--eval-size {args.eval_size} leaves no training rows: {args.data} has {len(rows)} rows "
+                          f"(hold out fewer with --eval-size, or give a separate --eval-data file)")
+    else:
+        train, evals = data.split_rows(rows, args.eval_size, args.seed)
+    norm = dict(prompt_field=args.prompt_field, answer_field=args.answer_field)
+    return data.normalize_rows(train, **norm), data.normalize_rows(evals, **norm)
+
+
+def model_context(model_path: str) -> int | None:
+    """The model's trained context (max_position_embeddings), or None when its config does not say."""
+    from transformers import AutoConfig
+    try:
+        config = AutoConfig.from_pretrained(model_path).get_text_config()
+    except (OSError, ValueError):  # e.g. a LoRA adapter directory: its base model's config is elsewhere
+        return None
+    return getattr(config, "max_position_embeddings", None)
+
+
+def check_reward_on_one_row(reward_fn, row: dict, args: Args) -> None:
+    """Call the reward once on the first training row (with an empty completion, and with the reference answer as
+    the completion when there is one), so a reward that cannot run fails now rather than after the model loaded."""
+    completions = [""] + ([row["answer"]] if isinstance(row.get("answer"), str) else [])
+    columns = {k: [row.get(k)] * len(completions) for k in row if k != "prompt"}
+    try:
+        values = rewards.compute_rewards(reward_fn, [row["prompt"]] * len(completions), completions, columns,
+                                         allow_outside_unit=True)
+    except (RuntimeError, ValueError, TypeError) as e:
+        raise ConfigError(f"--reward {args.reward} fails on the first training row: {e}") from e
+    check_reward_range(values, args)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The loop
+def main(args: Args) -> dict:
+    check_args(args)
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
     device = distributed.init(device)  # torchrun: the process group, this rank's device; only rank 0 prints
     torch.manual_seed(args.seed)
     random.seed(args.seed)
-    # memory plan (sppo_fast/memory.py): weights dtype, optimizer, checkpointing and batch sizes from the budget,
-    # before any directory or model exists, so a budget that cannot work fails first, saying what each phase needs
-    shape = memory.model_shape(model_path, lora_rank=args.lora_rank, critic=args.algo == "ppo" or bool(args.critic))
-    plan = memory.make_plan(shape, budget=args.memory_budget or None, level=args.memory_plan,
-                            seq_len=args.max_prompt_tokens + args.max_new_tokens, prompt_len=args.max_prompt_tokens,
-                            micro_batch_tokens=args.micro_batch_tokens, gen_batch_size=args.gen_batch_size,
-                            batch_sequences=args.batch_size * (args.group_size if args.algo == "grpo" else 1),
-                            gradient_checkpointing=args.gradient_checkpointing, cuda=device.type == "cuda",
-                            kernel_impl=args.kernel_impl)
-    args = replace(args, gradient_checkpointing=plan.gradient_checkpointing, micro_batch_tokens=plan.micro_batch_tokens,
-                   gen_batch_size=plan.gen_batch_size)  # resolved once; config.yaml records them
+    pre = preflight(args, device)  # every check that needs no model; nothing is written before it passes
+    args, model_path, resume_ckpt, run_dir, plan, shape = (pre.args, pre.model_path, pre.resume_ckpt, pre.run_dir,
+                                                          pre.plan, pre.shape)
+    tokenizer, reward_fn = pre.tokenizer, pre.reward_fn
+    train_rows, eval_rows, train_texts, eval_texts = pre.train_rows, pre.eval_rows, pre.train_texts, pre.eval_texts
 
-    resume_ckpt = checkpoint.resolve(args.resume) if args.resume else None
-    # a checkpoint lives at RUN_DIR/checkpoints/step_N, whether --resume named the run or the checkpoint
-    run_dir = resume_ckpt.resolve().parent.parent if resume_ckpt is not None else None
-    if run_dir is None:
-        name = args.run_name or f"{args.algo}__{Path(model_path).name}__{args.seed}__{time.strftime('%Y%m%d-%H%M%S')}"
-        run_dir = Path(args.out_dir) / name
-    run_dir = distributed.broadcast_object(run_dir)  # torchrun: rank 0's (the name holds a time stamp)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    if distributed.is_main():
+        if args.overwrite and run_dir.exists():
+            shutil.rmtree(run_dir)
+            print(f"--overwrite: deleted the previous run in {run_dir}")
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if resume_ckpt is not None:  # interrupted saves: never resumed from, never left to confuse
+            pre.notes += [f"removed the unfinished checkpoint {p}" for p in checkpoint.remove_unfinished(run_dir)]
+    distributed.barrier()
+    for note in pre.notes:
+        print(note)
     memory_mode = bool(args.memory_budget) or args.memory_plan != "auto"
     if distributed.is_main():
         report = memory.save_report(plan, shape, run_dir)  # memory_report.{txt,json}: the estimate per phase
@@ -524,8 +818,7 @@ def main(args: Args) -> dict:
     if distributed.is_main():
         _save_config(args, run_dir, model_path)
 
-    # --- model, tokenizer, value head, optimizer
-    tokenizer = load_tokenizer(model_path)
+    # --- model, value head, optimizer
     policy_path = resume_ckpt / "policy" if resume_ckpt is not None else model_path
     policy = load_policy(policy_path, device=device, attn_implementation=attention_implementation(device),
                          gradient_checkpointing=args.gradient_checkpointing, liger=args.liger,
@@ -533,8 +826,8 @@ def main(args: Args) -> dict:
                          dtype=plan.dtype)
     policy.train()
     critic = None
-    if args.algo == "ppo" or args.critic:  # a separate critic LLM (decoder only: it needs no lm_head)
-        critic_path = resume_ckpt / "critic" if resume_ckpt is not None else args.critic or model_path
+    if pre.critic_path is not None:  # a separate critic LLM (decoder only: it needs no lm_head)
+        critic_path = resume_ckpt / "critic" if resume_ckpt is not None else pre.critic_path
         critic = load_critic(critic_path, device=device, attn_implementation=attention_implementation(device),
                              gradient_checkpointing=args.gradient_checkpointing, dtype=plan.dtype)
         critic.train()
@@ -543,26 +836,13 @@ def main(args: Args) -> dict:
     policy, critic, value_head = distributed.shard(policy, critic, value_head)  # torchrun: FSDP2; else no-op
     groups = [{"params": [p for p in policy.parameters() if p.requires_grad], "lr": args.lr,
                "weight_decay": args.weight_decay}]
-    if value_head is not None:
+    if value_head is not None:  # group 1: the value side, with its own rate, decay and gradient clipping
         value_params = list(value_head.parameters()) + (list(critic.parameters()) if critic is not None else [])
-        groups.append({"params": value_params, "lr": args.value_lr, "weight_decay": 0.0})
+        groups.append({"params": value_params, "lr": args.value_lr, "weight_decay": args.value_weight_decay})
     optimizer = memory.build_optimizer(groups, plan.optimizer, device, betas=(0.9, 0.999), eps=1e-8)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: min(1.0, (s + 1) / args.warmup_steps) if args.warmup_steps > 0 else 1.0)
 
-    # --- data and reward
-    train_rows, eval_rows = data.load_dataset(
-        args.data, prompt_field=args.prompt_field, answer_field=args.answer_field, eval_path=args.eval_data or None,
-        eval_fraction=args.eval_size, synthetic_n_eval=args.eval_size, seed=args.seed)
-    fmt = dict(chat_template=args.chat_template, system_prompt=args.system_prompt or None)
-    train_rows, skipped = data.filter_long_prompts(train_rows, tokenizer, args.max_prompt_tokens, **fmt)
-    eval_rows, skipped_eval = data.filter_long_prompts(eval_rows, tokenizer, args.max_prompt_tokens, **fmt)
-    if skipped or skipped_eval:
-        print(f"skipped {skipped} train and {skipped_eval} eval prompts longer than {args.max_prompt_tokens} tokens")
-    # what the policy sees (chat template applied once, up front); rows keep the raw prompt for the reward fn
-    train_texts = data.format_prompts(train_rows, tokenizer, **fmt)
-    eval_texts = data.format_prompts(eval_rows, tokenizer, **fmt)
-    reward_fn = rewards.get_reward_fn(args.reward)
     sampler = data.PromptSampler(len(train_rows), args.batch_size, seed=args.seed)
 
     start_step, history = 0, {}
@@ -573,10 +853,15 @@ def main(args: Args) -> dict:
         print(f"resumed from {resume_ckpt} at step {start_step}")
 
     stepper = Stepper(args, policy, value_head, optimizer, scheduler, tokenizer, device, critic=critic)
-    logger = MetricsLogger(run_dir, tensorboard=args.tensorboard, append=start_step > 0) if distributed.is_main() \
-        else distributed.NullLogger()  # torchrun: rank 0 logs
+    # a resumed run's metrics.jsonl and TensorBoard events are cut back to the checkpoint's step: no step twice
+    logger = MetricsLogger(run_dir, tensorboard=args.tensorboard,
+                           resume_step=start_step if resume_ckpt is not None else None) \
+        if distributed.is_main() else distributed.NullLogger()  # torchrun: rank 0 logs
     print(f"run dir: {run_dir}\nmodel: {model_path} ({sum(p.numel() for p in policy.parameters()) / 1e6:.2f}M params,"
           f" {policy.config._attn_implementation}, {device}); train {len(train_rows)} / eval {len(eval_rows)} prompts")
+    if args.num_minibatches == 1:
+        print("--num-minibatches 1: one optimizer step per batch, so the PPO ratio is 1 and the clip never acts "
+              "(the bar omits clip=)")
 
     def save(step):
         return checkpoint.save(run_dir, step, policy=policy, critic=critic, tokenizer=tokenizer, value_head=value_head,
@@ -648,9 +933,12 @@ def main(args: Args) -> dict:
                     scalars.update({"memory/rollout_peak_gib": rollout_peak, "memory/update_peak_gib": update_peak})
                 if values is not None:
                     scalars["value/mean"] = values.mean().item()
-                    scalars["value/pearson"] = pearson(values.cpu(), R)
+                    if (r := pearson(values.cpu(), R)) is not None:
+                        scalars["value/pearson"] = r
                 logger.log(step, scalars)
-                bar.set_postfix(reward=f"{scalars['reward/mean']:.2f}", clip=f"{scalars.get('stats/clipfrac', 0):.3f}",
+                # clip= only when it can move: with one optimizer step per batch the ratio is 1 by construction
+                clip = {"clip": f"{scalars['stats/clipfrac']:.3f}"} if args.num_minibatches > 1 else {}
+                bar.set_postfix(reward=f"{scalars['reward/mean']:.2f}", **clip,
                                 tok_s=f"{scalars['perf/tokens_per_s']:.0f}", refresh=False)
             bar.update(1)
             if args.eval_every and step % args.eval_every == 0 and step != args.steps:

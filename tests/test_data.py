@@ -170,7 +170,7 @@ def test_filter_long_prompts_counts_skips():
     # the chat template adds 3 tokens around the user turn, and lengths are measured on what the policy sees
     kept, skipped = D.filter_long_prompts(rows, tok, max_prompt_tokens=7, chat_template=True)
     assert [len(r["prompt"].split()) for r in kept] == [2, 4] and skipped == 2
-    with pytest.raises(ValueError, match="all 4 prompts are longer than max_prompt_tokens=1"):
+    with pytest.raises(ValueError, match="all 4 prompts are longer than 1 tokens"):
         D.filter_long_prompts(rows, tok, max_prompt_tokens=1)
 
 

@@ -19,7 +19,7 @@ from sppo_fast.hf import lm_head_params
 from sppo_fast.model import hidden_states, load_policy, load_tokenizer
 from sppo_fast.rollout import Sample, pack
 from sppo_fast.tiny import default_model_path
-from sppo_fast.train import Args, Stepper, main, value_loss_fn
+from sppo_fast.train import Args, ConfigError, Stepper, main, value_loss_fn
 from sppo_fast.value_head import ValueHead
 
 FAST = ["--steps", "2", "--batch-size", "8", "--eval-size", "8", "--eval-k", "1", "--eval-every", "0",
@@ -142,10 +142,10 @@ def test_packed_and_padded_layouts_give_the_same_hidden_rows():
 
 # --- bad input -------------------------------------------------------------------------------------------------------
 def test_missing_model_dir(tmp_path):
-    with pytest.raises(FileNotFoundError, match="does not exist"):
+    with pytest.raises(ConfigError, match="--model: .*does not exist"):
         run(tmp_path, "--model", str(tmp_path / "nope"))
     (tmp_path / "empty").mkdir()
-    with pytest.raises(ValueError, match="no config.json"):
+    with pytest.raises(ConfigError, match="no config.json"):
         run(tmp_path, "--model", str(tmp_path / "empty"))
 
 
@@ -179,17 +179,27 @@ def test_long_prompts_are_skipped_and_counted(tmp_path, capsys):
 
 def test_reward_fn_raising_names_the_sample(tmp_path):
     plugin = tmp_path / "bad_reward.py"
-    # fails on some samples only (odd answers), so the error must point at one of them
+    # fails on some samples only (odd answers), so the error must point at one of them; the first training row has an
+    # even answer, so the one-row check before the model loads passes and the failure comes during training
     plugin.write_text("def fn(prompts, completions, answer, **kw):\n"
-                      "    return [1 / 0 if int(a) % 2 else 0.0 for a in answer]\n")
+                      "    return [1 / 0 if int(a) % 2 else 0.0 for a in answer]\n"
+                      "def always(prompts, completions, **kw):\n"
+                      "    return [1 / 0 for c in completions]\n")
+    train = tmp_path / "train.jsonl"
+    train.write_text("\n".join(json.dumps({"prompt": f"{a}+{a + 1}=", "answer": str(2 * a + 1 - (i == 0))})
+                               for i, a in enumerate(range(10, 26))))
     with pytest.raises(RuntimeError, match=r"sample \d+"):
-        run(tmp_path, "--reward", f"{plugin}:fn")
+        run(tmp_path, "--reward", f"{plugin}:fn", "--data", str(train), "--eval-data", str(train))
+    # failing on the first row is caught before the model loads, and no run directory is left behind
+    with pytest.raises(ConfigError, match=r"--reward .* fails on the first training row: .*ZeroDivisionError"):
+        run(tmp_path, "--reward", f"{plugin}:always", name="early")
+    assert not (tmp_path / "early").exists()
 
 
 def test_reward_outside_unit_interval_is_an_error_for_sppo(tmp_path):
     plugin = tmp_path / "big_reward.py"
     plugin.write_text("def fn(prompts, completions, **kw):\n    return [2.0] * len(completions)\n")
-    with pytest.raises(ValueError, match=r"outside \[0, ?1\]"):
+    with pytest.raises(ConfigError, match=r"outside \[0, ?1\].*--value-loss mse"):
         run(tmp_path, "--reward", f"{plugin}:fn")
     run(tmp_path, "--reward", f"{plugin}:fn", "--value-loss", "mse", "--steps", "1", name="mse")
 
