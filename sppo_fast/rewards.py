@@ -507,10 +507,14 @@ def split_tests(tests: str | Sequence[str]) -> tuple[str, list[str]]:
 # cannot read its memory either. This stops ordinary and casually adversarial code; a program that corrupts the
 # interpreter itself (ctypes.memmove over its own heap) could still forge a pass, and the sandbox still contains
 # it. Value-level hacks the tests allow (an object whose __eq__ is always True) are the tests' to prevent.
+# The price: a program that reads a traceback's frames fails with AttributeError, so a correct solution that calls
+# traceback.format_exc() or logging.exception() scores 0 (measured; plain logging, dataclasses, typing, enum,
+# asyncio, threads, numpy and deep recursion all work).
 _HARNESS = r"""
 def _sppo_run(box, fd):
     import json, os
-    write, exit_ = os.write, os._exit
+    # bound before the program runs: it shares the builtins module and could replace exec (skipping the tests)
+    write, exit_, run = os.write, os._exit, exec
     data = box.get()
     token = data[:32]
     job = json.loads(data[32:].decode("utf-8"))
@@ -522,8 +526,8 @@ def _sppo_run(box, fd):
         exit_(1)
     del job
     ns = {"__name__": "__solution__", "__builtins__": __builtins__}
-    exec(program, ns)
-    exec(tests, ns)
+    run(program, ns)
+    run(tests, ns)
     write(fd, token)
     exit_(0)
 

@@ -221,6 +221,8 @@ CODE_CASES = [
     ("import sys\nprint('all tests passed')\nsys.exit(0)", ADD_TESTS, 0.0, "printing is not a pass"),
     ("import atexit, os\natexit.register(lambda: os._exit(0))\ndef add(a, b): return 0", ADD_TESTS, 0.0,
      "an exit hook cannot turn a failure into a pass"),
+    ("import builtins\nbuiltins.exec = lambda *a, **k: None\ndef add(a, b): return 0", ADD_TESTS, 0.0,
+     "replacing builtins.exec cannot skip the tests"),
     (GOOD_ADD, None, None, "missing tests: ungradable"),
     (GOOD_ADD, [], None, "empty test list: ungradable"),
 ]
