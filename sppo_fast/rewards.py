@@ -73,6 +73,8 @@ def check_rows(spec: str, rows: Sequence[dict], *, where: str = "dataset") -> No
             if _missing(value) or isinstance(value, (list, tuple)) and not value:
                 raise ValueError(f"{where} row {i}: reward '{spec}' needs a non-empty '{column}' column, got "
                                  f"{value!r} (row keys: {sorted(row)})")
+            if column == "tests" and _tests_check_nothing(value):
+                raise ValueError(f"{where} row {i}: {_INERT_TESTS_MSG}: {_head(str(value))}")
 
 
 def _missing(value: Any) -> bool:
@@ -473,6 +475,24 @@ for _category in (SyntaxWarning, DeprecationWarning):
 del _category
 
 
+# Top-level statements that check nothing by themselves. Tests made only of these pass every program: HumanEval's
+# `test` field defines `check(candidate)` and leaves the call to the harness.
+_INERT = (ast.Import, ast.ImportFrom, ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef, ast.Assign, ast.AnnAssign)
+_INERT_TESTS_MSG = ("its tests only define names (no assert or call at top level), so every program would pass; "
+                    "append the call, e.g. HumanEval's `check(<entry_point>)`")
+
+
+def _tests_check_nothing(tests: str | Sequence[str]) -> bool:
+    text = tests if isinstance(tests, str) else "\n".join(str(t) for t in tests)
+    if not text.strip():
+        return False  # missing: ungradable, not this error
+    try:
+        body = ast.parse(text).body
+    except (SyntaxError, ValueError, RecursionError, MemoryError):
+        return False  # fails when run
+    return all(isinstance(n, _INERT) or isinstance(n, ast.Expr) and isinstance(n.value, ast.Constant) for n in body)
+
+
 def split_tests(tests: str | Sequence[str]) -> tuple[str, list[str]]:
     """Split a row's tests into (setup, asserts).
 
@@ -616,11 +636,15 @@ def code_reward(prompts: list[str], completions: list[str], tests: Sequence | No
     ``sandbox``: ``"namespaces"`` (default; mount/PID/network namespaces via util-linux ``unshare``, see
     ``sppo_fast.sandbox``) or ``"none"`` (explicit opt-out: runs model code uncontained). Raises
     ``SandboxUnavailable`` before running anything when the sandbox cannot work on this host. A row whose tests are
-    missing or empty is ungradable: None. Samples run on a small thread pool; each is a separate process.
+    missing or empty is ungradable: None; tests that only define names (HumanEval's ``check`` without its call)
+    would pass every program and are a ValueError. Samples run on a small thread pool; each is a separate process.
     """
     all_tests = _column(tests, "tests", len(completions), "code", kwargs)
     if not completions:
         return []
+    for i, row_tests in enumerate(all_tests):
+        if not _missing(row_tests) and _tests_check_nothing(row_tests):
+            raise ValueError(f"code reward, sample {i}: {_INERT_TESTS_MSG}: {_head(str(row_tests))}")
     sandbox_mod.check_available(sandbox)
     one = functools.partial(code_score, partial=partial, timeout=timeout, memory_mb=memory_mb, sandbox=sandbox)
 

@@ -233,6 +233,23 @@ def test_code(completion, tests, expected, reason):
     assert score(R.code_reward, [completion], tests=[tests]) == [expected], reason
 
 
+@pytest.mark.parametrize("tests", [
+    "def check(candidate):\n    assert candidate(1, 2) == 3\n",  # HumanEval's `test` field: the call is left out
+    ["import math", "def check(f):\n    assert f(1, 2) == 3"],
+    "# only a comment",
+], ids=["humaneval-check-uncalled", "list-of-definitions", "comment-only"])
+def test_code_tests_that_check_nothing_are_refused(tests):
+    """Tests that define but never assert or call would pass every program (a reward of 1.0 for anything)."""
+    with pytest.raises(ValueError, match="only define names.*check\\(<entry_point>\\)"):
+        R.code_reward(["p"], ["def add(a, b): return 0"], tests=[tests])
+    with pytest.raises(ValueError, match="row 0: its tests only define names"):
+        R.check_rows("code", [{"tests": tests}])
+    called = tests + "\ncheck(add)" if isinstance(tests, str) and "check" in tests else None
+    if called:
+        assert score(R.code_reward, [GOOD_ADD], tests=[called]) == [1.0]
+        assert score(R.code_reward, ["def add(a, b): return 0"], tests=[called]) == [0.0]
+
+
 def test_code_partial_scores_each_assert():
     bad = "```python\ndef add(a, b):\n    return a - b if a < 0 else a + b\n```"  # passes test 1 only
     assert score(R.code_reward, [GOOD_ADD, bad], tests=[ADD_TESTS, ADD_TESTS]) == [1.0, 0.0]
