@@ -547,6 +547,7 @@ def _sppo_run(box, fd):
     del job
     ns = {"__name__": "__solution__", "__builtins__": __builtins__}
     run(program, ns)
+    ns["__name__"] = "__main__"  # a main guard in the tests runs (the program's own was skipped: no input())
     run(tests, ns)
     write(fd, token)
     exit_(0)

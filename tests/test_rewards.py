@@ -223,6 +223,10 @@ CODE_CASES = [
      "an exit hook cannot turn a failure into a pass"),
     ("import builtins\nbuiltins.exec = lambda *a, **k: None\ndef add(a, b): return 0", ADD_TESTS, 0.0,
      "replacing builtins.exec cannot skip the tests"),
+    ("```python\ndef add(a, b):\n    return a - b\n```", "def check(f):\n    assert f(1, 2) == 3\n"
+     "if __name__ == '__main__':\n    check(add)", 0.0, "a main guard in the tests runs (else every program passed)"),
+    (GOOD_ADD, "def check(f):\n    assert f(1, 2) == 3\nif __name__ == '__main__':\n    check(add)", 1.0,
+     "a main guard in the tests runs, and passes a right program"),
     (GOOD_ADD, None, None, "missing tests: ungradable"),
     (GOOD_ADD, [], None, "empty test list: ungradable"),
 ]
