@@ -1,4 +1,4 @@
-"""The one-call GPU acceptance run: everything sppo_fast claims about a GPU, measured in one command (~9 min on an
+"""The one-call GPU acceptance run: everything sppo_fast claims about a GPU, measured in one command (<= 8.5 min on an
 H200), so that a short GPU window is spent measuring, not preparing.
 
     python bench/gpu_check.py --out DIR                  # on a CUDA GPU: every part, within --time-limit seconds
