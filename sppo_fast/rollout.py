@@ -94,6 +94,8 @@ def generate(model, tokenizer, prompts: list, *, num_samples: int = 1, temperatu
     eos_set = set(eos_ids if isinstance(eos_ids, (list, tuple)) else [eos_ids]) - {None}
     if not eos_set:
         raise ValueError("neither the model's generation_config nor the tokenizer names an EOS token")
+    if tokenizer.pad_token_id is None:  # batches are padded; sppo_fast.model.load_tokenizer sets one
+        raise ValueError("the tokenizer has no pad token: set tokenizer.pad_token (e.g. to tokenizer.eos_token)")
     config = model.generation_config
     changed = [f"{k}={getattr(config, k)!r}" for k in _UNSUPPORTED if getattr(config, k, None) is not None]
     if changed:

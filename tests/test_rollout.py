@@ -1,6 +1,7 @@
 """Rollout backends (sppo_fast/rollout.py): hf, hf-static and paged give the same responses under greedy decoding,
 honour EOS / min_new_tokens / stop strings / several samples per prompt the same way, and sampled responses are
 valid token sequences that end where they should. The embedded tiny model, on CPU."""
+import copy
 import threading
 
 import pytest
@@ -149,6 +150,10 @@ def test_backend_names_and_bad_arguments(tiny):
         generate(model, tok, PROMPTS, temperature=0.0)
     with pytest.raises(ValueError, match="num_samples"):
         generate(model, tok, PROMPTS, num_samples=0)
+    no_pad = copy.deepcopy(tok)
+    no_pad.pad_token = None
+    with pytest.raises(ValueError, match="no pad token"):
+        generate(model, no_pad, PROMPTS, greedy=True)
 
 
 def test_stepper_routes_to_the_configured_backend(tiny, monkeypatch):
