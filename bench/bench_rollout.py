@@ -26,6 +26,7 @@ import datetime
 import json
 import os
 import platform
+import shutil
 import statistics
 import subprocess
 import sys
@@ -83,6 +84,18 @@ def prompts_for(n: int, prompt_chars: int, seed: int = 0) -> list:
     return out
 
 
+def setup(spec: dict):
+    """(model, tokenizer, prompts) as a spec asks: threads, arch, weight dtype, batch and prompt length."""
+    import torch
+
+    if spec["threads"]:
+        torch.set_num_threads(spec["threads"])
+    model, tok = load_model(spec["arch"], torch.device(spec["device"]))
+    if spec["weights"] == "bf16":
+        model.to(torch.bfloat16)
+    return model, tok, prompts_for(spec["batch"], spec["prompt_chars"])
+
+
 def interleaved(spec: dict, backends: list, rounds: int) -> list:
     """All backends in this process, one model: a warm-up call each, then `rounds` rounds that call every backend
     once in turn. On a shared machine whose load drifts, each round's ratio to hf is a paired comparison; the rows
@@ -91,12 +104,7 @@ def interleaved(spec: dict, backends: list, rounds: int) -> list:
 
     from sppo_fast.rollout import generate
 
-    if spec["threads"]:
-        torch.set_num_threads(spec["threads"])
-    model, tok = load_model(spec["arch"], torch.device(spec["device"]))
-    if spec["weights"] == "bf16":
-        model.to(torch.bfloat16)
-    prompts = prompts_for(spec["batch"], spec["prompt_chars"])
+    model, tok, prompts = setup(spec)
     n = spec["new_tokens"]
     call = lambda b: generate(model, tok, prompts, backend=b, temperature=0.6, max_new_tokens=n, min_new_tokens=n)
     torch.manual_seed(0)
@@ -130,14 +138,8 @@ def worker(spec_path: str) -> int:
 
     from sppo_fast.rollout import generate
 
-    device = torch.device(spec["device"])
-    if spec["threads"]:
-        torch.set_num_threads(spec["threads"])
-    cuda = device.type == "cuda"
-    model, tok = load_model(spec["arch"], device)
-    if spec["weights"] == "bf16":
-        model.to(torch.bfloat16)
-    prompts = prompts_for(spec["batch"], spec["prompt_chars"])
+    cuda = torch.device(spec["device"]).type == "cuda"
+    model, tok, prompts = setup(spec)
     n = spec["new_tokens"]
     # as Stepper.generate: bf16 autocast on CUDA, over fp32 master weights (the default memory plan) or bf16 ones
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else nullcontext()
@@ -269,7 +271,7 @@ def main(argv=None) -> int:
             f.write(json.dumps(row) + "\n")
         print(f"{backend}: {row['wall_s']:.0f}s " + (f"{row['tok_per_s']:.0f} tok/s" if "error" not in row
                                                      else row["error"]), flush=True)
-    shutil_rmtree(work)
+    shutil.rmtree(work, ignore_errors=True)
     base = next((r for r in rows if r["backend"] == "hf" and "error" not in r), None)
     for r in rows:
         if base and "error" not in r:
@@ -302,11 +304,6 @@ def main(argv=None) -> int:
 def _text(x) -> str:
     """TimeoutExpired carries the captured output as bytes even with text=True."""
     return x.decode(errors="replace") if isinstance(x, bytes) else (x or "")
-
-
-def shutil_rmtree(path):
-    import shutil
-    shutil.rmtree(path, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -11,7 +11,8 @@
 How: run the model's backbone (`get_decoder()`, through a peft wrapper), keep the final hidden states [B, L, H],
 gather the rows of the positions that are scored (both the position and its next token are real tokens, the next
 token is in `response_mask` when one is given, and its label is not -100 when `labels` are given), and hand those
-[N, H] rows with the lm_head weight [V, H] to `sppo_fast.kernels.token_logprobs`. Padding rows never reach the kernel, and the [N, V] logits are never stored.
+[N, H] rows with the lm_head weight [V, H] to `sppo_fast.kernels.token_logprobs`. Padding rows never reach the
+kernel, and the [N, V] logits are never stored.
 The result is scattered back to [B, L - 1] (or [B, K] with `logits_to_keep=K`) with 0 at unscored positions.
 
 Model-specific head arithmetic is read from the (text) config: Gemma's `final_logit_softcapping` goes to the

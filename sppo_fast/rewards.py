@@ -73,6 +73,8 @@ def check_rows(spec: str, rows: Sequence[dict], *, where: str = "dataset") -> No
             if _missing(value) or isinstance(value, (list, tuple)) and not value:
                 raise ValueError(f"{where} row {i}: reward '{spec}' needs a non-empty '{column}' column, got "
                                  f"{value!r} (row keys: {sorted(row)})")
+            if column == "tests" and _tests_check_nothing(value):
+                raise ValueError(f"{where} row {i}: {_INERT_TESTS_MSG}: {_head(str(value))}")
 
 
 def _missing(value: Any) -> bool:
@@ -473,6 +475,24 @@ for _category in (SyntaxWarning, DeprecationWarning):
 del _category
 
 
+# Top-level statements that check nothing by themselves. Tests made only of these pass every program: HumanEval's
+# `test` field defines `check(candidate)` and leaves the call to the harness.
+_INERT = (ast.Import, ast.ImportFrom, ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef, ast.Assign, ast.AnnAssign)
+_INERT_TESTS_MSG = ("its tests only define names (no assert or call at top level), so every program would pass; "
+                    "append the call, e.g. HumanEval's `check(<entry_point>)`")
+
+
+def _tests_check_nothing(tests: str | Sequence[str]) -> bool:
+    text = tests if isinstance(tests, str) else "\n".join(str(t) for t in tests)
+    if not text.strip():
+        return False  # missing: ungradable, not this error
+    try:
+        body = ast.parse(text).body
+    except (SyntaxError, ValueError, RecursionError, MemoryError):
+        return False  # fails when run
+    return all(isinstance(n, _INERT) or isinstance(n, ast.Expr) and isinstance(n.value, ast.Constant) for n in body)
+
+
 def split_tests(tests: str | Sequence[str]) -> tuple[str, list[str]]:
     """Split a row's tests into (setup, asserts).
 
@@ -507,10 +527,14 @@ def split_tests(tests: str | Sequence[str]) -> tuple[str, list[str]]:
 # cannot read its memory either. This stops ordinary and casually adversarial code; a program that corrupts the
 # interpreter itself (ctypes.memmove over its own heap) could still forge a pass, and the sandbox still contains
 # it. Value-level hacks the tests allow (an object whose __eq__ is always True) are the tests' to prevent.
+# The price: a program that reads a traceback's frames fails with AttributeError, so a correct solution that calls
+# traceback.format_exc() or logging.exception() scores 0 (measured; plain logging, dataclasses, typing, enum,
+# asyncio, threads, numpy and deep recursion all work).
 _HARNESS = r"""
 def _sppo_run(box, fd):
     import json, os
-    write, exit_ = os.write, os._exit
+    # bound before the program runs: it shares the builtins module and could replace exec (skipping the tests)
+    write, exit_, run = os.write, os._exit, exec
     data = box.get()
     token = data[:32]
     job = json.loads(data[32:].decode("utf-8"))
@@ -522,8 +546,9 @@ def _sppo_run(box, fd):
         exit_(1)
     del job
     ns = {"__name__": "__solution__", "__builtins__": __builtins__}
-    exec(program, ns)
-    exec(tests, ns)
+    run(program, ns)
+    ns["__name__"] = "__main__"  # a main guard in the tests runs (the program's own was skipped: no input())
+    run(tests, ns)
     write(fd, token)
     exit_(0)
 
@@ -612,11 +637,15 @@ def code_reward(prompts: list[str], completions: list[str], tests: Sequence | No
     ``sandbox``: ``"namespaces"`` (default; mount/PID/network namespaces via util-linux ``unshare``, see
     ``sppo_fast.sandbox``) or ``"none"`` (explicit opt-out: runs model code uncontained). Raises
     ``SandboxUnavailable`` before running anything when the sandbox cannot work on this host. A row whose tests are
-    missing or empty is ungradable: None. Samples run on a small thread pool; each is a separate process.
+    missing or empty is ungradable: None; tests that only define names (HumanEval's ``check`` without its call)
+    would pass every program and are a ValueError. Samples run on a small thread pool; each is a separate process.
     """
     all_tests = _column(tests, "tests", len(completions), "code", kwargs)
     if not completions:
         return []
+    for i, row_tests in enumerate(all_tests):
+        if not _missing(row_tests) and _tests_check_nothing(row_tests):
+            raise ValueError(f"code reward, sample {i}: {_INERT_TESTS_MSG}: {_head(str(row_tests))}")
     sandbox_mod.check_available(sandbox)
     one = functools.partial(code_score, partial=partial, timeout=timeout, memory_mb=memory_mb, sandbox=sandbox)
 

@@ -35,6 +35,18 @@ BACKENDS = ("hf", "hf-static", "paged")
 AUTO_BACKEND = {"cpu": "hf", "cuda": "hf"}
 STATIC_PAD_MULTIPLE = 64  # hf-static on CUDA: prompt widths rounded up to this (fewer shapes, fewer recompiles)
 
+# `model.generate` fills every knob the call leaves unset from the checkpoint's generation_config (Qwen2.5-Instruct
+# ships repetition_penalty=1.05). Any logits processor besides temperature / top_p samples from a distribution
+# other than the policy's, whose log-probs the update computes: off-policy data with no correction, and a backend
+# (paged builds its own config) that disagrees with the others. As TRL's GRPO does, the call sets them neutral.
+_NEUTRAL = dict(repetition_penalty=1.0, encoder_repetition_penalty=1.0, no_repeat_ngram_size=0,
+                encoder_no_repeat_ngram_size=0, min_length=0, num_beams=1, num_return_sequences=1)
+_NEUTRAL_SAMPLING = dict(typical_p=1.0, epsilon_cutoff=0.0, eta_cutoff=0.0)
+# Knobs whose neutral value is None, which the merge would refill from the checkpoint: refused instead.
+_UNSUPPORTED = ("min_p", "top_h", "sequence_bias", "bad_words_ids", "suppress_tokens", "begin_suppress_tokens",
+                "forced_bos_token_id", "forced_eos_token_id", "exponential_decay_length_penalty",
+                "watermarking_config")
+
 
 @dataclass
 class Sample:
@@ -64,7 +76,11 @@ def generate(model, tokenizer, prompts: list, *, num_samples: int = 1, temperatu
     A response ends at the first EOS (kept, finished=True), at the first stop string (the response is cut after the
     token that completes it; finished=False), or at max_new_tokens (finished=False). EOS cannot be sampled before
     min_new_tokens new tokens (stop strings still apply). greedy=True ignores temperature/top_p. max_batch caps the
-    sequences generated at once (hf, hf-static: chunks; paged: sequences holding KV pages at a time)."""
+    sequences generated at once (hf, hf-static: chunks; paged: sequences holding KV pages at a time).
+
+    Only temperature and top_p shape the distribution (the update scores samples under the plain policy): the
+    checkpoint's generation_config processors (repetition_penalty, no_repeat_ngram_size, min_length, ...) are
+    switched off, and those that cannot be (min_p, bad_words_ids, suppress_tokens, ...) are an error."""
     backend = resolve_backend(backend, model.device)
     if max_new_tokens < 1 or not 0 <= min_new_tokens <= max_new_tokens:
         raise ValueError(f"need 1 <= max_new_tokens and 0 <= min_new_tokens <= max_new_tokens, got "
@@ -78,6 +94,14 @@ def generate(model, tokenizer, prompts: list, *, num_samples: int = 1, temperatu
     eos_set = set(eos_ids if isinstance(eos_ids, (list, tuple)) else [eos_ids]) - {None}
     if not eos_set:
         raise ValueError("neither the model's generation_config nor the tokenizer names an EOS token")
+    if tokenizer.pad_token_id is None:  # batches are padded; sppo_fast.model.load_tokenizer sets one
+        raise ValueError("the tokenizer has no pad token: set tokenizer.pad_token (e.g. to tokenizer.eos_token)")
+    config = model.generation_config
+    changed = [f"{k}={getattr(config, k)!r}" for k in _UNSUPPORTED if getattr(config, k, None) is not None]
+    if changed:
+        raise ValueError(f"the model's generation_config sets {', '.join(changed)}, which changes the sampling "
+                         f"distribution away from the policy's (the update's log-probs would not match the samples); "
+                         f"set them to None on model.generation_config")
     stop_strings = [s for s in (stop_strings or []) if s]
     encoded = tokenizer(list(prompts), add_special_tokens=add_special_tokens)["input_ids"]
     prompt_ids = [ids for ids in encoded for _ in range(num_samples)]
@@ -105,11 +129,11 @@ def _generate_hf(model, tokenizer, prompt_ids, stop_strings, max_batch, *, stati
                  max_new_tokens, min_new_tokens, eos, pad):
     """model.generate on left-padded chunks; returns the new tokens of every sequence (padding included)."""
     kwargs = dict(max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens or None, pad_token_id=pad,
-                  eos_token_id=eos, use_cache=True)
+                  eos_token_id=eos, use_cache=True, **_NEUTRAL)
     if greedy:
         kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
     else:
-        kwargs.update(do_sample=True, temperature=temperature, top_p=top_p, top_k=0)
+        kwargs.update(do_sample=True, temperature=temperature, top_p=top_p, top_k=0, **_NEUTRAL_SAMPLING)
     if stop_strings:  # stops early; _cut then applies the same rule to every backend's output
         kwargs.update(stop_strings=list(stop_strings), tokenizer=tokenizer)
     multiple = 1

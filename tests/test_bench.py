@@ -118,3 +118,17 @@ def test_gpu_check_part_budget_kills_a_hang_and_keeps_going(tmp_path):
                                     log, dict(os.environ))
     assert status == ("failed", 3)
     assert "killed after its 3 s budget" in log.read_text()
+
+
+def test_gpu_check_budgets_fit_nine_minutes_with_a_margin():
+    """The issue's bound is 9 minutes wall for the whole check on the device, whose commands stop at 10: the parts'
+    budgets (their sum is the default --time-limit) leave >= 30 s for start-up, the environment probe and the
+    summary."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("gpu_check", BENCH / "gpu_check.py")
+    gpu_check = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gpu_check)
+    total = sum(budget for budget, _ in gpu_check.PARTS.values())
+    assert total <= 9 * 60 - 30, total
+    assert f"= {total} (--time-limit)" in gpu_check.__doc__  # the documented budgets are the real ones

@@ -221,6 +221,12 @@ CODE_CASES = [
     ("import sys\nprint('all tests passed')\nsys.exit(0)", ADD_TESTS, 0.0, "printing is not a pass"),
     ("import atexit, os\natexit.register(lambda: os._exit(0))\ndef add(a, b): return 0", ADD_TESTS, 0.0,
      "an exit hook cannot turn a failure into a pass"),
+    ("import builtins\nbuiltins.exec = lambda *a, **k: None\ndef add(a, b): return 0", ADD_TESTS, 0.0,
+     "replacing builtins.exec cannot skip the tests"),
+    ("```python\ndef add(a, b):\n    return a - b\n```", "def check(f):\n    assert f(1, 2) == 3\n"
+     "if __name__ == '__main__':\n    check(add)", 0.0, "a main guard in the tests runs (else every program passed)"),
+    (GOOD_ADD, "def check(f):\n    assert f(1, 2) == 3\nif __name__ == '__main__':\n    check(add)", 1.0,
+     "a main guard in the tests runs, and passes a right program"),
     (GOOD_ADD, None, None, "missing tests: ungradable"),
     (GOOD_ADD, [], None, "empty test list: ungradable"),
 ]
@@ -229,6 +235,23 @@ CODE_CASES = [
 @pytest.mark.parametrize("completion, tests, expected, reason", CODE_CASES, ids=[c[3] for c in CODE_CASES])
 def test_code(completion, tests, expected, reason):
     assert score(R.code_reward, [completion], tests=[tests]) == [expected], reason
+
+
+@pytest.mark.parametrize("tests", [
+    "def check(candidate):\n    assert candidate(1, 2) == 3\n",  # HumanEval's `test` field: the call is left out
+    ["import math", "def check(f):\n    assert f(1, 2) == 3"],
+    "# only a comment",
+], ids=["humaneval-check-uncalled", "list-of-definitions", "comment-only"])
+def test_code_tests_that_check_nothing_are_refused(tests):
+    """Tests that define but never assert or call would pass every program (a reward of 1.0 for anything)."""
+    with pytest.raises(ValueError, match="only define names.*check\\(<entry_point>\\)"):
+        R.code_reward(["p"], ["def add(a, b): return 0"], tests=[tests])
+    with pytest.raises(ValueError, match="row 0: its tests only define names"):
+        R.check_rows("code", [{"tests": tests}])
+    called = tests + "\ncheck(add)" if isinstance(tests, str) and "check" in tests else None
+    if called:
+        assert score(R.code_reward, [GOOD_ADD], tests=[called]) == [1.0]
+        assert score(R.code_reward, ["def add(a, b): return 0"], tests=[called]) == [0.0]
 
 
 def test_code_partial_scores_each_assert():

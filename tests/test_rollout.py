@@ -1,6 +1,7 @@
 """Rollout backends (sppo_fast/rollout.py): hf, hf-static and paged give the same responses under greedy decoding,
 honour EOS / min_new_tokens / stop strings / several samples per prompt the same way, and sampled responses are
 valid token sequences that end where they should. The embedded tiny model, on CPU."""
+import copy
 import threading
 
 import pytest
@@ -92,6 +93,25 @@ def test_sampled_outputs_are_valid_and_end_where_they_should(tiny, backend):
     assert any(len({tuple(samples[3 * p + j].response_ids) for j in range(3)}) > 1 for p in range(len(PROMPTS)))
 
 
+def test_checkpoint_generation_config_does_not_change_the_distribution(tiny, monkeypatch):
+    """A checkpoint's own repetition_penalty / no_repeat_ngram_size / min_length (Qwen2.5-Instruct ships 1.05) would
+    make the samples off-policy; generate ignores them (paged builds its own config, and greedy outputs agree across
+    backends above), and a processor that cannot be switched off is refused."""
+    model, tok = tiny
+    ref = key(run(tiny, "hf", greedy=True))
+    for name, value in (("repetition_penalty", 3.0), ("no_repeat_ngram_size", 2), ("min_length", 40)):
+        monkeypatch.setattr(model.generation_config, name, value)
+    assert key(run(tiny, "hf", greedy=True)) == ref
+    torch.manual_seed(0)
+    sampled = run(tiny, "hf", temperature=1.0)
+    monkeypatch.undo()
+    torch.manual_seed(0)
+    assert key(run(tiny, "hf", temperature=1.0)) == key(sampled)
+    monkeypatch.setattr(model.generation_config, "suppress_tokens", [5])
+    with pytest.raises(ValueError, match="suppress_tokens=\\[5\\]"):
+        run(tiny, "hf", greedy=True)
+
+
 def test_fixed_length_rollouts(tiny):
     """min_new_tokens = max_new_tokens (how the benchmarks make every response full length), sampled."""
     for backend in BACKENDS:
@@ -130,6 +150,10 @@ def test_backend_names_and_bad_arguments(tiny):
         generate(model, tok, PROMPTS, temperature=0.0)
     with pytest.raises(ValueError, match="num_samples"):
         generate(model, tok, PROMPTS, num_samples=0)
+    no_pad = copy.deepcopy(tok)
+    no_pad.pad_token = None
+    with pytest.raises(ValueError, match="no pad token"):
+        generate(model, no_pad, PROMPTS, greedy=True)
 
 
 def test_stepper_routes_to_the_configured_backend(tiny, monkeypatch):
