@@ -25,6 +25,9 @@ IMPL_DTYPES = [
     pytest.param("triton", torch.float16, marks=_needs_triton, id="triton-fp16"),
     pytest.param("torch", torch.float32, id="torch-fp32"),
     pytest.param("torch", torch.bfloat16, id="torch-bf16"),
+    pytest.param("chunked", torch.float32, marks=_needs_triton, id="chunked-fp32"),
+    # the chunked impl's GEMMs are torch's, its row pass elementwise: bf16 is exact in the interpreter too
+    pytest.param("chunked", torch.bfloat16, marks=_needs_triton, id="chunked-bf16"),
 ]
 if torch.cuda.is_available():
     IMPL_DTYPES.append(pytest.param("triton", torch.bfloat16, id="triton-bf16"))
@@ -141,6 +144,12 @@ def _advantages(per_sequence, seed=0):
     return torch.cat([seq_adv[b].expand(CU[b + 1] - CU[b]) for b in range(len(CU) - 1)]) * scale
 
 
+def _small_chunks(impl, rows=5):
+    """`rows` rows per chunk for the chunked impls (N = 24): chunk boundaries fall inside sequences. Bytes per row:
+    fp32 logits (4 V), plus the torch row pass's exp buffer (4 V); fewer rows with softcap on the torch impl."""
+    return None if impl == "triton" else rows * (4 if impl == "chunked" else 8) * V
+
+
 def _assert_within(name, ours, truth, baseline, dtype):
     """CCE rule via conftest: |ours - truth| <= |plain torch in this dtype - truth| + slack * max |truth|."""
     eps = SLACK[dtype] * max(truth.detach().abs().max().item(), 1.0)
@@ -155,7 +164,8 @@ def _run_both(impl, dtype, per_sequence, **kw):
     cu = torch.tensor(CU, device=DEVICE, dtype=torch.int32)
 
     h, w = hidden.clone().requires_grad_(True), weight.clone().requires_grad_(True)
-    loss, stats = ppo_clip_loss(h, w, targets, old, adv, cu_seqlens=cu, ignore_index=IGNORE, impl=impl, **kw)
+    loss, stats = ppo_clip_loss(h, w, targets, old, adv, cu_seqlens=cu, ignore_index=IGNORE, impl=impl,
+                                chunk_bytes=_small_chunks(impl), **kw)
     loss.backward()
     results = {"loss": [loss], "d_hidden": [h.grad], "d_weight": [w.grad]}
     for compute_dtype in (torch.float64, dtype):
@@ -187,7 +197,10 @@ def test_loss_and_grads_match_torch(impl, dtype, loss_agg, ratio_level, per_sequ
         assert stats[key].item() == pytest.approx(truth_stats[key].item(), abs=1e-6), key
 
 
-@pytest.mark.parametrize("impl,dtype", IMPL_DTYPES[:1] + IMPL_DTYPES[2:3])  # triton-fp32, torch-fp32
+FP32_IMPLS = [p for p in IMPL_DTYPES if p.values[1] == torch.float32]
+
+
+@pytest.mark.parametrize("impl,dtype", FP32_IMPLS)
 def test_options_and_entropy_grad(impl, dtype):
     """temperature, softcap, asymmetric clip, no dual clip, and the entropy bonus's gradient."""
     kw = dict(loss_agg="seq-mean-token-mean", clip_low=0.1, clip_high=0.28, dual_clip=None, temperature=0.7,
@@ -202,7 +215,7 @@ def test_options_and_entropy_grad(impl, dtype):
     _assert_within("d_hidden (no entropy bonus)", *no_bonus["d_hidden"], dtype)
 
 
-@pytest.mark.parametrize("impl,dtype", IMPL_DTYPES[:1] + IMPL_DTYPES[2:3])
+@pytest.mark.parametrize("impl,dtype", FP32_IMPLS)
 def test_stats(impl, dtype):
     results, stats, truth = _run_both(impl, dtype, False, ratio_level="token")
     expected_keys = {"pg_loss", "clipfrac", "dual_clipfrac", "approx_kl", "ratio_mean", "ratio_max", "ratio_min",
@@ -217,20 +230,125 @@ def test_stats(impl, dtype):
     assert stats["pg_loss"].item() == pytest.approx(results["loss"][1].item(), rel=1e-4, abs=1e-6)
 
 
-@pytest.mark.parametrize("impl,dtype", IMPL_DTYPES[:1] + IMPL_DTYPES[2:3])
+@pytest.mark.parametrize("impl,dtype", FP32_IMPLS)
 @pytest.mark.parametrize("ratio_level", ["token", "sequence"])
 def test_ratio_is_exactly_one_on_own_logp(impl, dtype, ratio_level):
     """old_logp from token_logprobs itself (the first-minibatch case): r == 1 bit for bit, nothing clipped, and the
-    loss reduces to -agg(A) with gradient -agg(A * grad logp)."""
+    loss reduces to -agg(A) with gradient -agg(A * grad logp). on_policy=True gives the same without old_logp."""
     hidden, weight, targets = _inputs(dtype)
     cu = torch.tensor(CU, device=DEVICE)
     with torch.no_grad():
         old = token_logprobs(hidden, weight, targets, ignore_index=IGNORE, impl=impl)
-    loss, stats = ppo_clip_loss(hidden, weight, targets, old, _advantages(True), cu_seqlens=cu,
-                                ignore_index=IGNORE, ratio_level=ratio_level, impl=impl)
-    assert stats["ratio_max"].item() == 1.0 and stats["ratio_min"].item() == 1.0
-    assert stats["clipfrac"].item() == 0.0 and stats["dual_clipfrac"].item() == 0.0
-    assert stats["approx_kl"].item() == 0.0
+    results = []
+    for old_logp, on_policy in ((old, False), (None, True)):
+        h, w = hidden.clone().requires_grad_(True), weight.clone().requires_grad_(True)
+        loss, stats = ppo_clip_loss(h, w, targets, old_logp, _advantages(True), cu_seqlens=cu, ignore_index=IGNORE,
+                                    ratio_level=ratio_level, impl=impl, on_policy=on_policy, entropy_coef=0.01)
+        assert stats["ratio_max"].item() == 1.0 and stats["ratio_min"].item() == 1.0
+        assert stats["clipfrac"].item() == 0.0 and stats["dual_clipfrac"].item() == 0.0
+        assert stats["approx_kl"].item() == 0.0
+        loss.backward()
+        results.append((loss, h.grad, w.grad))
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+
+
+def test_on_policy_argument_checks():
+    hidden, weight, targets = _inputs(torch.float32)
+    adv = _advantages(True)
+    cu = torch.tensor(CU)
+    with pytest.raises(ValueError, match="pass old_logp=None"):
+        ppo_clip_loss(hidden, weight, targets, torch.zeros(N), adv, cu_seqlens=cu, on_policy=True)
+    with pytest.raises(ValueError, match="old_logp is None"):
+        ppo_clip_loss(hidden, weight, targets, None, adv, cu_seqlens=cu)
+
+
+class _GemmCounter(torch.utils._python_dispatch.TorchDispatchMode):
+    """Counts matrix products of an [*, V] operand with an [*, H] one (the 2 N H V-flop work)."""
+
+    def __init__(self, vocab, hidden):
+        super().__init__()
+        self.vocab, self.hidden, self.count = vocab, hidden, 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.namespace == "sppo_fast":  # our custom ops: run their Python body under this mode, to count inside
+            from torch._library.custom_ops import _maybe_get_opdef
+
+            with self:
+                return _maybe_get_opdef(func)._init_fn(*args, **(kwargs or {}))
+        if func.overloadpacket in (torch.ops.aten.mm, torch.ops.aten.addmm, torch.ops.aten.addmm_,
+                                   torch.ops.aten.bmm, torch.ops.aten.matmul):
+            mats = [a for a in args if isinstance(a, torch.Tensor) and a.dim() >= 2]
+            if any(self.vocab in m.shape[-2:] for m in mats) and any(self.hidden in m.shape[-2:] for m in mats):
+                self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("impl", ["torch", pytest.param("chunked", marks=_needs_triton)])
+@pytest.mark.parametrize("loss_agg", LOSS_AGGS)
+def test_grads_in_forward_do_three_gemms_per_chunk_and_match_recompute(impl, loss_agg):
+    """Token ratio: 3 V-sized GEMMs per chunk in all (forward + backward), against 4 for the recompute route
+    (token_logprobs + ppo_clip_loss_from_logp); forward-only 1, frozen weight 2. Both routes agree."""
+    hidden, weight, targets = _inputs(torch.float32)
+    old = _old_logp(hidden, weight, targets, "token")
+    adv, cu = _advantages(True), torch.tensor(CU, device=DEVICE)
+    from sppo_fast.kernels.chunked import chunk_rows
+
+    chunk_bytes = _small_chunks(impl)
+    rows = chunk_rows(N, V, torch.float32, hidden.device, chunk_bytes, impl == "chunked", False)
+    chunks = math.ceil(N / rows)
+    assert chunks >= 3
+    kw = dict(cu_seqlens=cu, ignore_index=IGNORE, loss_agg=loss_agg, impl=impl, chunk_bytes=chunk_bytes,
+              entropy_coef=0.02, temperature=0.8)
+
+    def run(fused, grad_weight=True, grad=True):
+        h, w = hidden.clone().requires_grad_(grad), weight.clone().requires_grad_(grad and grad_weight)
+        counter = _GemmCounter(V, H)
+        with counter:
+            if fused:
+                loss, _ = ppo_clip_loss(h, w, targets, old, adv, **kw)
+            else:
+                logp, entropy = token_logprobs(h, w, targets, ignore_index=IGNORE, temperature=0.8, impl=impl,
+                                               chunk_bytes=kw["chunk_bytes"], return_entropy=True)
+                loss, _ = ppo_clip_loss_from_logp(logp, old, adv, targets != IGNORE, cu, entropy=entropy,
+                                                  loss_agg=loss_agg, entropy_coef=0.02, impl="torch")
+            if grad:
+                loss.backward()
+        return counter.count, loss.detach(), h.grad, w.grad
+
+    n_fused, loss_f, dh_f, dw_f = run(True)
+    n_recompute, loss_r, dh_r, dw_r = run(False)
+    assert n_fused == 3 * chunks, n_fused
+    assert n_recompute == 4 * chunks, n_recompute
+    assert run(True, grad=False)[0] == chunks
+    assert run(True, grad_weight=False)[0] == 2 * chunks
+    torch.testing.assert_close(loss_f, loss_r, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(dh_f, dh_r, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(dw_f, dw_r, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("impl", ["torch", pytest.param("chunked", marks=_needs_triton)])
+def test_fused_loss_under_autocast_and_with_huge_ignored_logits(impl):
+    """The two regressions, on the fused route: autocast changes nothing; ignored rows with logits of 1e3 (and NaN
+    hidden states) give the same loss and grads as clean ones."""
+    hidden, weight, targets = _inputs(torch.float32)
+    old = _old_logp(hidden, weight, targets, "token")
+    adv, cu = _advantages(True), torch.tensor(CU, device=DEVICE)
+    dirty = hidden.clone()
+    dirty[targets == IGNORE] = 1e3 * weight[0]
+    dirty[1] = float("nan")
+    results = []
+    for x, autocast in ((hidden, False), (hidden, True), (dirty, False)):
+        h, w = x.clone().requires_grad_(True), weight.clone().requires_grad_(True)
+        with torch.autocast(DEVICE, dtype=torch.bfloat16, enabled=autocast):
+            loss, _ = ppo_clip_loss(h, w, targets, old, adv, cu_seqlens=cu, ignore_index=IGNORE, impl=impl,
+                                    temperature=0.6, entropy_coef=0.01)
+            loss.backward()
+        results.append((loss.detach(), h.grad, w.grad))
+    for other in results[1:]:
+        for a, b in zip(results[0], other):
+            assert torch.isfinite(b).all()
+            torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
 
 
 def test_from_logp_masks_garbage_and_no_cu_seqlens():
