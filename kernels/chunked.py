@@ -37,7 +37,7 @@ import triton.language as tl
 # small next to the V x H fp32 dW accumulator. CPU: a chunk that stays in the last-level cache, so the row pass's
 # several sweeps cost cache bandwidth rather than DRAM bandwidth (chosen by measurement on the 2-core CI machine,
 # see bench/results/kernels-cpu-*.md), while C stays large enough that dW += dZ^T X_c is compute-bound.
-DEFAULT_CHUNK_BYTES = {"cuda": 512 << 20, "cpu": 64 << 20}
+DEFAULT_CHUNK_BYTES = {"cuda": 512 << 20, "cpu": 128 << 20}
 _CPU_CONVERT_BYTES = 16 << 20  # fp32 V-block of a 16-bit weight converted at a time on CPU
 _ROW_BLOCK_V_GPU = 2048
 _ROW_BLOCK_V_CPU = 64  # the interpreter runs tile ops in numpy: small blocks, and still several per row in tests

@@ -444,7 +444,7 @@ def token_logprobs(hidden, weight, targets, *, temperature=1.0, softcap=None, ig
             "torch" (the same chunks with a torch row pass; any device), "triton" (tile-fused kernel; CUDA or the
             interpreter), or "auto" ("chunked" on CUDA, "torch" elsewhere).
         chunk_bytes: scratch budget of the chunked/torch impls (rows per chunk = chunk_bytes // bytes per row of
-            fp32 logits and dZ); None = 512 MiB on CUDA, 64 MiB on CPU. Ignored by "triton".
+            fp32 logits and dZ); None = 512 MiB on CUDA, 128 MiB on CPU. Ignored by "triton".
         check_values: check on the host that every target is in [0, V) or ignore_index, raising ValueError with
             the first bad position. It is a host sync (and a graph break under torch.compile): use it eagerly, for
             the first steps only. Without it the check is a device-side `torch._assert_async`, which costs no sync

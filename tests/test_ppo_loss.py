@@ -483,3 +483,77 @@ def test_readable_reference_matches_the_op(loss_agg, ratio_level):
     g_ours, = torch.autograd.grad(ours, logp)
     g_ref, = torch.autograd.grad(ref, logp)
     torch.testing.assert_close(g_ours.double(), g_ref, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("impl", ["torch", pytest.param("chunked", marks=_needs_triton),
+                                  pytest.param("triton", marks=_needs_triton)])
+@pytest.mark.parametrize("ratio_level", ["token", "sequence"])
+def test_matches_liger_grpo_loss(impl, ratio_level):
+    """Liger-Kernel's fused-linear GRPO loss as a peer (its own torch code on CPU, not compiled): loss_type "dapo"
+    is our token-mean over all valid tokens; beta=0 (no KL) and no dual clip, which Liger does not have."""
+    from liger_kernel.chunked_loss import LigerFusedLinearGRPOLoss
+
+    b, t = 3, 8
+    g = torch.Generator().manual_seed(5)
+    hidden = torch.randn(b * t, H, generator=g)
+    weight = torch.randn(V, H, generator=g) * (2.0 / math.sqrt(H))
+    targets = torch.randint(0, V, (b * t,), generator=g)
+    mask = torch.ones(b, t, dtype=torch.long)
+    mask[0, 6:] = 0  # right padding
+    mask[2, :3] = 0  # left padding
+    targets[mask.flatten() == 0] = IGNORE
+    advantages = torch.tensor([0.7, -1.1, 0.4])
+    with torch.no_grad():
+        logp = token_logprobs(hidden, weight, targets, temperature=0.7, ignore_index=IGNORE, impl="torch")
+    old = (logp + 0.3 * torch.randn(b * t, generator=g)).detach()
+    cu = torch.arange(0, b * t + 1, t)
+
+    h1, w1 = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    ours, _ = ppo_clip_loss(h1, w1, targets, old, advantages, cu_seqlens=cu, ignore_index=IGNORE, dual_clip=None,
+                            ratio_level=ratio_level, temperature=0.7, impl=impl)
+    ours.backward()
+    liger = LigerFusedLinearGRPOLoss(beta=0.0, compiled=False, use_ref_model=False, loss_type="dapo",
+                                     importance_sampling_level=ratio_level, temperature=0.7, chunk_size=1)
+    h2, w2 = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    out = liger(h2.view(b, t, H), w2, targets.clamp(min=0).view(b, t), mask, advantages,
+                old_per_token_logps=old.view(b, t))
+    theirs = out[0] if isinstance(out, tuple) else out
+    theirs.backward()
+    torch.testing.assert_close(ours, theirs.float(), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(h1.grad, h2.grad, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(w1.grad, w2.grad, atol=1e-5, rtol=1e-4)
+
+
+@_needs_triton
+def test_compile_fullgraph_chunked_on_policy():
+    """The chunked impl's fused op (Triton row pass inside a custom op) and the on-policy mode trace without graph
+    breaks, and a new N reuses the graph."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    torch._dynamo.reset()
+    counter = CompileCounterWithBackend("aot_eager")
+
+    def step(hidden, weight, targets, adv, cu):
+        return ppo_clip_loss(hidden, weight, targets, None, adv, cu_seqlens=cu, on_policy=True, entropy_coef=0.01,
+                             impl="chunked")
+
+    compiled = torch.compile(step, backend=counter, fullgraph=True, dynamic=True)
+    for i, cu in enumerate([CU, [0, 9, 9, 17]]):
+        g = torch.Generator().manual_seed(i)
+        n = cu[-1]
+        hidden = torch.randn(n, H, generator=g).requires_grad_(True)
+        weight = torch.randn(V, H, generator=g).requires_grad_(True)
+        targets = torch.randint(0, V, (n,), generator=g)
+        targets[0] = IGNORE
+        adv = torch.randn(len(cu) - 1, generator=g)
+        loss, stats = compiled(hidden, weight, targets, adv, torch.tensor(cu))
+        loss.backward()
+        h2, w2 = hidden.detach().clone().requires_grad_(True), weight.detach().clone().requires_grad_(True)
+        eager_loss, _ = step(h2, w2, targets, adv, torch.tensor(cu))
+        eager_loss.backward()
+        torch.testing.assert_close(loss, eager_loss)
+        torch.testing.assert_close(hidden.grad, h2.grad)
+        torch.testing.assert_close(weight.grad, w2.grad)
+        assert stats["ratio_max"].item() == 1.0
+        first_frames = counter.frame_count if i == 0 else first_frames
+    assert counter.frame_count == first_frames
