@@ -276,7 +276,11 @@ def _attach_backward(ctx, grad):
     def scaled(g32, dtype, needed):
         if not needed:
             return None
-        # one rounding to the input dtype, and no fp32 temporary of the product for 16-bit inputs
+        if dtype == torch.float32:
+            # in place: no second V x H buffer. A second backward through this graph (retain_graph=True) then
+            # fails autograd's saved-tensor version check instead of scaling twice.
+            return g32.mul_(grad)
+        # one rounding to the input dtype, and no fp32 temporary of the product
         return torch.mul(g32, grad, out=torch.empty(g32.shape, dtype=dtype, device=g32.device))
 
     return None, scaled(dx, x_dtype, ctx.needs_input_grad[1]), scaled(dw, w_dtype, ctx.needs_input_grad[2]), None, None

@@ -557,3 +557,15 @@ def test_compile_fullgraph_chunked_on_policy():
         assert stats["ratio_max"].item() == 1.0
         first_frames = counter.frame_count if i == 0 else first_frames
     assert counter.frame_count == first_frames
+
+
+def test_second_backward_through_fused_loss_raises():
+    """The fused route scales its stored fp32 grads in place (no second V x H buffer): a retained graph cannot be
+    backpropagated twice, and autograd says so instead of scaling twice."""
+    hidden, weight, targets = _inputs(torch.float32)
+    h, w = hidden.clone().requires_grad_(True), weight.clone().requires_grad_(True)
+    loss, _ = ppo_clip_loss(h, w, targets, None, _advantages(True), cu_seqlens=torch.tensor(CU),
+                            ignore_index=IGNORE, on_policy=True, impl="torch")
+    (2 * loss).backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
