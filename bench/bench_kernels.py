@@ -462,8 +462,10 @@ def main():
     wanted = None if args.methods is None else [m.strip() for m in args.methods.split(",")]
     baseline_sha = None
     if args.baseline_checkout:
+        # a git checkout's short SHA, else the directory's name (e.g. an extracted `git archive <sha>`)
         baseline_sha = subprocess.run(["git", "-C", args.baseline_checkout, "rev-parse", "--short", "HEAD"],
-                                      capture_output=True, text=True).stdout.strip() or "baseline"
+                                      capture_output=True, text=True).stdout.strip() \
+            or os.path.basename(os.path.normpath(args.baseline_checkout))
 
     def selected(name):
         return wanted is None or any(name.startswith(p) for p in wanted)
