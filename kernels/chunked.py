@@ -51,12 +51,12 @@ def use_triton_rows(device: torch.device) -> bool:
     return device.type == "cuda" or os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def chunk_rows(n: int, v: int, dtype: torch.dtype, device: torch.device, chunk_bytes: int, triton_rows: bool,
+def chunk_rows(n: int, v: int, dz_dtype: torch.dtype, device: torch.device, chunk_bytes: int, triton_rows: bool,
                softcap: bool) -> int:
     """Rows per chunk from the byte budget: what one row of the chunk costs in scratch memory."""
     per_row = 4 * v  # fp32 Z, overwritten by dZ in place
-    if _separate_dz(dtype, device):
-        per_row += 2 * v
+    if dz_dtype != torch.float32:
+        per_row += 2 * v  # a separate 16-bit dZ (see _Loop)
     if not triton_rows:
         per_row += 4 * v * (2 if softcap else 1)  # torch row pass: exp buffer (+ tanh buffer)
     rows = max(1, chunk_bytes // per_row)
@@ -65,34 +65,49 @@ def chunk_rows(n: int, v: int, dtype: torch.dtype, device: torch.device, chunk_b
     return max(1, min(rows, n))
 
 
-def _separate_dz(dtype, device):
-    # On CUDA the dX/dW GEMMs take 16-bit operands (tensor cores), so dZ is written as 16-bit into its own buffer;
-    # writing it over the fp32 Z in place would race between rows. Elsewhere dZ overwrites Z.
-    return dtype != torch.float32 and device.type == "cuda"
-
-
 # ------------------------------------------------------------------------------------------------------------------
 # GEMMs
-_ADDMM_F32_OK = {}
+_PROBES = {}
 
 
-def _cuda_addmm_f32_ok(device) -> bool:
-    """Whether torch.addmm(fp32 acc, bf16, bf16, out_dtype=fp32, out=acc) accumulates in place on this build.
-
-    Probed once per device on a tiny problem (a sync, but once per process, never in the hot loop)."""
-    key = str(device)
-    if key not in _ADDMM_F32_OK:
+def _cuda_supports(device, what) -> bool:
+    """Whether this torch build does, on this GPU, what the 16-bit chunk GEMMs need:
+    "mm": torch.mm(bf16, bf16, out_dtype=fp32) (fp32 logits without an fp32 weight copy);
+    "addmm": torch.addmm(fp32 acc, bf16, bf16, out_dtype=fp32, out=acc) (dW accumulated in place).
+    Probed once per device and kind on a tiny problem (one sync per process, never in the hot loop); without
+    them the loop falls back to converting V-blocks of the weight (still no full fp32 copy)."""
+    key = (str(device), what)
+    if key not in _PROBES:
         ok = False
         try:
             a = torch.randn(8, 16, device=device).bfloat16()
             b = torch.randn(16, 8, device=device).bfloat16()
-            acc = torch.ones(8, 8, device=device)
-            torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
-            ok = bool(torch.allclose(acc, 1 + a.float() @ b.float(), atol=1e-3, rtol=1e-3))
+            want = a.float() @ b.float()
+            if what == "mm":
+                got = torch.mm(a, b, out_dtype=torch.float32)
+            else:
+                got = torch.ones(8, 8, device=device)
+                torch.addmm(got, a, b, out_dtype=torch.float32, out=got)
+                want = want + 1
+            ok = got.dtype == torch.float32 and bool(torch.allclose(got, want, atol=1e-3, rtol=1e-3))
         except (RuntimeError, TypeError, NotImplementedError):
             ok = False
-        _ADDMM_F32_OK[key] = ok
-    return _ADDMM_F32_OK[key]
+        _PROBES[key] = ok
+    return _PROBES[key]
+
+
+def _native_16bit(device, what) -> bool:
+    return device.type == "cuda" and _cuda_supports(device, what)
+
+
+def _mm_f32(a, b, out):
+    """out (fp32) = a @ b for 16-bit a, b: fp32 accumulation and output in one vendor GEMM."""
+    return torch.mm(a, b, out_dtype=torch.float32, out=out)
+
+
+def _addmm_f32_(acc, a, b):
+    """acc (fp32) += a @ b for 16-bit a, b, in place."""
+    return torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
 
 
 class _Gemms:
@@ -100,14 +115,15 @@ class _Gemms:
 
     def __init__(self, weight: torch.Tensor):
         self.w = weight
-        self.dtype = weight.dtype
-        self.cuda16 = weight.is_cuda and weight.dtype != torch.float32
-        self.cpu16 = not weight.is_cuda and weight.dtype != torch.float32
+        half = weight.dtype != torch.float32
+        # cuda16: 16-bit operands straight into the vendor GEMM with fp32 output (tensor cores, no conversion).
+        # cpu16 (also CUDA builds without out_dtype): fp32 GEMMs on V-blocks of the weight converted on the fly.
+        self.cuda16 = half and _native_16bit(weight.device, "mm")
+        self.cpu16 = half and not self.cuda16
         self.dz_dtype = weight.dtype if self.cuda16 else torch.float32
         if self.cpu16:
-            v, h = weight.shape
-            self.block_v = max(1, _CPU_CONVERT_BYTES // (4 * h))
-        self.addmm_f32 = self.cuda16 and _cuda_addmm_f32_ok(weight.device)
+            self.block_v = max(1, _CPU_CONVERT_BYTES // (4 * weight.shape[1]))
+        self.addmm_f32 = self.cuda16 and _native_16bit(weight.device, "addmm")
 
     def x_operand(self, x):
         """The hidden chunk as the GEMMs take it (fp32 on CPU for 16-bit inputs, else as is)."""
@@ -125,7 +141,7 @@ class _Gemms:
             for cols, w32 in self._w_blocks():
                 out[:, cols] = x @ w32.T
         elif self.cuda16:
-            torch.mm(x, self.w.T, out_dtype=torch.float32, out=out)
+            _mm_f32(x, self.w.T, out)
         else:
             torch.mm(x, self.w.T, out=out)
 
@@ -137,7 +153,7 @@ class _Gemms:
                 acc.addmm_(dz[:, cols], w32)
             out.copy_(acc)
         elif self.cuda16 and out.dtype == torch.float32:
-            torch.mm(dz, self.w, out_dtype=torch.float32, out=out)
+            _mm_f32(dz, self.w, out)
         else:
             torch.mm(dz, self.w, out=out)
 
@@ -149,13 +165,13 @@ class _Gemms:
                 acc[cols].addmm_(dz[:, cols].T, x)
         elif self.cuda16:
             if self.addmm_f32:
-                torch.addmm(acc, dz.T, x, out_dtype=torch.float32, out=acc)
+                _addmm_f32_(acc, dz.T, x)
             else:
                 # this torch cannot accumulate 16-bit products into fp32 in place: V-blocks bound the temporary
                 block = max(1, (64 << 20) // (4 * acc.shape[1]))
                 for start in range(0, acc.shape[0], block):
                     cols = slice(start, min(start + block, acc.shape[0]))
-                    acc[cols].add_(torch.mm(dz[:, cols].T, x, out_dtype=torch.float32))
+                    acc[cols].add_(_mm_f32(dz[:, cols].T, x, None))
         else:
             acc.addmm_(dz.T, x)
 
@@ -406,13 +422,15 @@ class _Loop:
         self.n, self.v = hidden.shape[0], weight.shape[0]
         self.triton_rows = triton_rows
         self.gemm = _Gemms(weight)
-        self.rows = chunk_rows(self.n, self.v, hidden.dtype, hidden.device, chunk_bytes, triton_rows,
+        self.rows = chunk_rows(self.n, self.v, self.gemm.dz_dtype, hidden.device, chunk_bytes, triton_rows,
                                softcap is not None)
         f32 = dict(device=hidden.device, dtype=torch.float32)
         c = min(self.rows, max(self.n, 1))
         self.z = torch.empty((c, self.v), **f32)
-        self.dz = torch.empty((c, self.v), device=hidden.device, dtype=hidden.dtype) \
-            if _separate_dz(hidden.dtype, hidden.device) else None
+        # With 16-bit GEMM operands (CUDA tensor cores) dZ is written as 16-bit into its own buffer: writing it over
+        # the fp32 Z in place would race between rows (a 16-bit row i lands on fp32 row i / 2). Else dZ overwrites Z.
+        self.dz = None if self.gemm.dz_dtype == torch.float32 else \
+            torch.empty((c, self.v), device=hidden.device, dtype=self.gemm.dz_dtype)
         self.e = None if triton_rows else torch.empty((c, self.v), **f32)
         self.th = None if triton_rows or softcap is None else torch.empty((c, self.v), **f32)
 

@@ -415,3 +415,31 @@ def test_triton_does_not_recompile_per_n_or_hyperparameter():
     for n, temperature, softcap in [(999, 1.3, 20.0), (517, 0.6, 50.0)]:
         token_logprobs(hidden[:n], weight, targets[:n], temperature=temperature, softcap=softcap, impl="triton")
     assert n_compiled() == before
+
+
+def _emulate_cuda_16bit_gemms(monkeypatch, addmm_in_place):
+    """Run the chunk loop's CUDA 16-bit branch on CPU: 16-bit operands, fp32 outputs (emulated here by fp32 math on
+    the exactly representable 16-bit values, which is what cuBLAS's fp32 accumulation computes up to summation
+    order), a separate 16-bit dZ buffer written by the Triton row pass, and either dW accumulation path."""
+    from sppo_fast.kernels import chunked
+
+    def mm_f32(a, b, out):
+        result = a.float() @ b.float()
+        return result if out is None else out.copy_(result)
+
+    monkeypatch.setattr(chunked, "_native_16bit", lambda device, what: what == "mm" or addmm_in_place)
+    monkeypatch.setattr(chunked, "_mm_f32", mm_f32)
+    monkeypatch.setattr(chunked, "_addmm_f32_", lambda acc, a, b: acc.add_(a.float() @ b.float()))
+
+
+@pytest.mark.skipif(CUDA, reason="emulates the CUDA branch on CPU")
+@pytest.mark.parametrize("addmm_in_place", [True, False], ids=["addmm-f32", "blocked-dW"])
+def test_chunked_cuda_16bit_branch_emulated(monkeypatch, addmm_in_place):
+    # fp16 only: the interpreter's fp32 -> bf16 cast truncates (measured: half of random values differ from
+    # round-to-nearest-even), where compiled Triton rounds to nearest; that bias, not the kernel, fails bf16 here.
+    dtype = torch.float16
+    _emulate_cuda_16bit_gemms(monkeypatch, addmm_in_place)
+    from sppo_fast.kernels import chunked
+
+    assert chunked._Gemms(torch.zeros(3, 2, dtype=dtype)).dz_dtype == dtype  # the branch under test is taken
+    _check_against_truth("chunked", 37, 24, 517, dtype, 0.7, 5.0, True)

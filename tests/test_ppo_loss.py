@@ -569,3 +569,24 @@ def test_second_backward_through_fused_loss_raises():
     (2 * loss).backward(retain_graph=True)
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         loss.backward()
+
+
+@pytest.mark.skipif(torch.cuda.is_available() or not TRITON_OK, reason="emulates the CUDA branch on CPU")
+@pytest.mark.parametrize("loss_agg", ["token-mean", "seq-mean-token-sum"])
+def test_fused_cuda_16bit_branch_emulated(monkeypatch, loss_agg):
+    """The fused PPO loop's CUDA 16-bit branch (16-bit GEMM operands, fp32 outputs, a separate 16-bit dZ written by
+    the Triton row pass, fp32 dX) run on CPU with the GEMMs emulated in fp32 on the 16-bit values. fp16: the
+    interpreter's bf16 cast truncates (see tests/test_logprobs.py)."""
+    from sppo_fast.kernels import chunked
+
+    def mm_f32(a, b, out):
+        result = a.float() @ b.float()
+        return result if out is None else out.copy_(result)
+
+    monkeypatch.setattr(chunked, "_native_16bit", lambda device, what: True)
+    monkeypatch.setattr(chunked, "_mm_f32", mm_f32)
+    monkeypatch.setattr(chunked, "_addmm_f32_", lambda acc, a, b: acc.add_(a.float() @ b.float()))
+    results, stats, truth_stats = _run_both("chunked", torch.float16, True, loss_agg=loss_agg)
+    for name, (ours, truth, baseline) in results.items():
+        _assert_within(name, ours, truth, baseline, torch.float16)
+    assert stats["clipfrac"] > 0 and stats["dual_clipfrac"] > 0
