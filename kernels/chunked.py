@@ -113,14 +113,18 @@ def _addmm_f32_(acc, a, b):
 class _Gemms:
     """The three chunk GEMMs for one weight: fp32 outputs from the weight's dtype without a full fp32 copy."""
 
-    def __init__(self, weight: torch.Tensor):
-        self.w = weight
-        half = weight.dtype != torch.float32
+    def __init__(self, weight: torch.Tensor, compute_dtype: torch.dtype):
+        """compute_dtype: the hidden states' dtype. An fp32 (master) weight with 16-bit hidden states is rounded to
+        16 bits for the products, as autocast would, while dW is accumulated in fp32 for the fp32 weight itself."""
+        self.compute = compute_dtype
+        half = compute_dtype != torch.float32
         # cuda16: 16-bit operands straight into the vendor GEMM with fp32 output (tensor cores, no conversion).
         # cpu16 (also CUDA builds without out_dtype): fp32 GEMMs on V-blocks of the weight converted on the fly.
         self.cuda16 = half and _native_16bit(weight.device, "mm")
         self.cpu16 = half and not self.cuda16
-        self.dz_dtype = weight.dtype if self.cuda16 else torch.float32
+        # the one 16-bit copy of an fp32 master weight that tensor cores need (what `weight.to(bf16)` would make)
+        self.w = weight.to(compute_dtype) if self.cuda16 else weight
+        self.dz_dtype = compute_dtype if self.cuda16 else torch.float32
         if self.cpu16:
             self.block_v = max(1, _CPU_CONVERT_BYTES // (4 * weight.shape[1]))
         self.addmm_f32 = self.cuda16 and _native_16bit(weight.device, "addmm")
@@ -133,7 +137,7 @@ class _Gemms:
         v = self.w.shape[0]
         for start in range(0, v, self.block_v):
             cols = slice(start, min(start + self.block_v, v))
-            yield cols, self.w[cols].float()
+            yield cols, self.w[cols].to(self.compute).float()  # (rounds an fp32 master weight like autocast)
 
     def logits(self, x, out):
         """out [c, V] fp32 = x W^T."""
@@ -421,7 +425,7 @@ class _Loop:
         self.hidden, self.weight, self.targets, self.ignore_index = hidden, weight, targets, ignore_index
         self.n, self.v = hidden.shape[0], weight.shape[0]
         self.triton_rows = triton_rows
-        self.gemm = _Gemms(weight)
+        self.gemm = _Gemms(weight, hidden.dtype)
         self.rows = chunk_rows(self.n, self.v, self.gemm.dz_dtype, hidden.device, chunk_bytes, triton_rows,
                                softcap is not None)
         f32 = dict(device=hidden.device, dtype=torch.float32)

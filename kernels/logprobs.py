@@ -410,8 +410,9 @@ def _check_inputs(hidden, weight, targets, temperature, softcap):
         raise ValueError(f"targets must be int32 or int64, got {targets.dtype}")
     if hidden.dtype not in _FLOAT_DTYPES:
         raise ValueError(f"hidden dtype must be one of {_FLOAT_DTYPES}, got {hidden.dtype}")
-    if weight.dtype != hidden.dtype:
-        raise ValueError(f"weight dtype must equal hidden dtype {hidden.dtype}, got {weight.dtype}")
+    if weight.dtype != hidden.dtype and not (weight.dtype == torch.float32 and hidden.dtype != torch.float32):
+        raise ValueError(f"weight dtype must equal hidden dtype {hidden.dtype} (or be fp32, a master weight with "
+                         f"16-bit hidden states), got {weight.dtype}")
     check_same_device(hidden=hidden, weight=weight, targets=targets)
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
@@ -435,7 +436,10 @@ def token_logprobs(hidden, weight, targets, *, temperature=1.0, softcap=None, ig
 
     Args:
         hidden: [N, H] bf16/fp16/fp32, the final hidden states (one row per token).
-        weight: [V, H] same dtype and device, the lm_head weight (frozen is fine: no dW work is done then).
+        weight: [V, H] same dtype and device, the lm_head weight (frozen is fine: no dW work is done then). With
+            16-bit hidden states it may also be fp32 (a master weight under autocast; "chunked"/"torch" only): the
+            products use its 16-bit rounding, as autocast would, and dW comes back in fp32 straight from the
+            fp32 accumulator, with no 16-bit gradient and no cast back in between.
         targets: [N] int32/int64, the next-token ids; rows equal to `ignore_index` give 0 and no gradient.
         temperature: > 0, divides the (capped) logits, as the sampler did.
         softcap: None, or c > 0 for Gemma-style capping c * tanh(logits / c), applied before the temperature.
@@ -474,6 +478,7 @@ def token_logprobs(hidden, weight, targets, *, temperature=1.0, softcap=None, ig
     _check_inputs(hidden, weight, targets, temperature, softcap)
     impl = resolve_impl(impl, hidden, weight)
     check_triton_available(impl, hidden)
+    check_mixed_dtypes(impl, hidden, weight)
     chunk_bytes = check_chunk_bytes(chunk_bytes, hidden.device)
     vocab_size = weight.shape[0]
     if check_values:
@@ -486,6 +491,12 @@ def token_logprobs(hidden, weight, targets, *, temperature=1.0, softcap=None, ig
         None if softcap is None else float(softcap), int(ignore_index), bool(return_entropy), impl, chunk_bytes,
     )
     return (logp, entropy) if return_entropy else logp
+
+
+def check_mixed_dtypes(impl, hidden, weight):
+    if weight.dtype != hidden.dtype and impl == "triton":
+        raise ValueError(f"impl='triton' needs weight and hidden of one dtype, got {weight.dtype} and {hidden.dtype}; "
+                         "the chunked impls take an fp32 master weight with 16-bit hidden states")
 
 
 def check_triton_available(impl, hidden):

@@ -31,7 +31,7 @@ import torch
 
 from . import chunked
 from ._utils import check_chunk_bytes, check_same_device, resolve_impl
-from .logprobs import check_triton_available, token_logprobs
+from .logprobs import check_mixed_dtypes, check_triton_available, token_logprobs
 from .seq_sum import check_cu_seqlens, segment_ids, segment_sum_unchecked
 
 LOSS_AGGS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum")
@@ -319,7 +319,8 @@ def ppo_clip_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Ten
     """Token-level PPO clipped surrogate with dual clip, from hidden states and the lm_head weight.
 
     Shapes and dtypes:
-        hidden [N, H] and weight [V, H]: bf16/fp16/fp32, same dtype and device; N tokens packed without padding.
+        hidden [N, H] and weight [V, H]: bf16/fp16/fp32, same dtype and device (or an fp32 master weight with
+            16-bit hidden states, see `token_logprobs`); N tokens packed without padding.
         targets [N] int64 token ids; targets == ignore_index marks tokens outside the loss (prompts, padding).
         old_logp [N] float: behaviour log-probs, ideally from `token_logprobs` itself (ratio == 1 exactly then);
             None with on_policy=True.
@@ -412,6 +413,7 @@ def ppo_clip_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Ten
 
     _check_inputs(hidden, weight, targets, temperature, softcap)
     check_triton_available(impl, hidden)
+    check_mixed_dtypes(impl, hidden, weight)
     chunk_bytes = check_chunk_bytes(chunk_bytes, hidden.device)
     if check_values:
         _check_target_values(targets, weight.shape[0], ignore_index)

@@ -5,7 +5,7 @@ bf16 is covered by the torch impl here (and the chunked impl, whose GEMMs are to
 """
 import pytest
 import torch
-from conftest import assert_error_within
+from conftest import assert_error_within, max_error
 
 from sppo_fast.kernels import logprobs as logprobs_module
 from sppo_fast.kernels import token_logprobs
@@ -443,3 +443,31 @@ def test_chunked_cuda_16bit_branch_emulated(monkeypatch, addmm_in_place):
 
     assert chunked._Gemms(torch.zeros(3, 2, dtype=dtype)).dz_dtype == dtype  # the branch under test is taken
     _check_against_truth("chunked", 37, 24, 517, dtype, 0.7, 5.0, True)
+
+
+@pytest.mark.parametrize("impl", ["torch", "chunked"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_fp32_master_weight_with_16bit_hidden(impl, dtype):
+    """An fp32 weight with 16-bit hidden states (autocast training): the same numbers as passing the weight
+    rounded to 16 bits, except that dW comes back in fp32 (no 16-bit rounding), at least as close to the truth."""
+    hidden, weight, targets, grad_logp, grad_entropy = _make_inputs(37, 24, 517, dtype)
+    master = (weight.float() + 1e-3 * torch.randn(weight.shape, generator=torch.Generator().manual_seed(1)))
+    rounded = master.to(dtype)
+    truth = _run_all(lambda x, w: token_logprobs_ref(x, w, targets, 0.7, None, IGNORE), torch.float64, hidden,
+                     rounded, grad_logp, grad_entropy, True, True, True)
+    kw = dict(temperature=0.7, ignore_index=IGNORE, return_entropy=True, impl=impl,
+              chunk_bytes=_small_chunks(impl, 517))
+    outs = []
+    for w in (master, rounded):
+        x, w = hidden.clone().requires_grad_(), w.clone().requires_grad_()
+        logp, entropy = token_logprobs(x, w, targets, **kw)
+        outs.append([logp, entropy] + _backprop(logp, entropy, grad_logp, grad_entropy, [x, w]))
+    mixed, same = outs
+    assert mixed[3].dtype == torch.float32 and same[3].dtype == dtype and mixed[2].dtype == dtype
+    for a, b in zip(mixed[:3], same[:3]):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
+    err_mixed = max_error(mixed[3], truth[3])
+    assert err_mixed <= max_error(same[3], truth[3]) + 1e-6
+    assert err_mixed <= 1e-5 * max(1.0, truth[3].abs().max().item())  # fp32 accuracy: no 16-bit rounding of dW
+    with pytest.raises(ValueError, match="one dtype"):
+        token_logprobs(hidden, master, targets, impl="triton")

@@ -590,3 +590,38 @@ def test_fused_cuda_16bit_branch_emulated(monkeypatch, loss_agg):
     for name, (ours, truth, baseline) in results.items():
         _assert_within(name, ours, truth, baseline, torch.float16)
     assert stats["clipfrac"] > 0 and stats["dual_clipfrac"] > 0
+
+
+@pytest.mark.parametrize("emulate_cuda", [False, True], ids=["cpu-branch", "cuda-branch-emulated"])
+def test_fused_fp32_master_weight_with_16bit_hidden(monkeypatch, emulate_cuda):
+    """The trainer's autocast case: an fp32 master weight, 16-bit hidden states. The loss and dX equal those with the
+    16-bit-rounded weight; dW is the fp32 accumulator itself (returned as the fp32 gradient, no 16-bit detour)."""
+    if emulate_cuda:
+        if torch.cuda.is_available() or not TRITON_OK:
+            pytest.skip("emulates the CUDA branch on CPU")
+        from sppo_fast.kernels import chunked
+
+        def mm_f32(a, b, out):
+            result = a.float() @ b.float()
+            return result if out is None else out.copy_(result)
+
+        monkeypatch.setattr(chunked, "_native_16bit", lambda device, what: True)
+        monkeypatch.setattr(chunked, "_mm_f32", mm_f32)
+        monkeypatch.setattr(chunked, "_addmm_f32_", lambda acc, a, b: acc.add_(a.float() @ b.float()))
+    impl, dtype = ("chunked", torch.float16) if emulate_cuda else ("torch", torch.bfloat16)
+    hidden, weight, targets = _inputs(dtype)
+    master = weight.float() + 1e-3 * torch.randn(weight.shape, generator=torch.Generator().manual_seed(1))
+    old = _old_logp(hidden, weight, targets, "token")
+    adv, cu = _advantages(True), torch.tensor(CU, device=DEVICE)
+    outs = []
+    for w in (master, master.to(dtype)):
+        h, w = hidden.clone().requires_grad_(True), w.clone().requires_grad_(True)
+        loss, _ = ppo_clip_loss(h, w, targets, old, adv, cu_seqlens=cu, ignore_index=IGNORE, impl=impl,
+                                chunk_bytes=_small_chunks(impl), entropy_coef=0.01)
+        loss.backward()
+        outs.append((loss, h.grad, w.grad))
+    (loss_m, dh_m, dw_m), (loss_r, dh_r, dw_r) = outs
+    assert dw_m.dtype == torch.float32 and dw_r.dtype == dtype
+    torch.testing.assert_close(loss_m, loss_r, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(dh_m, dh_r, atol=0, rtol=0)
+    torch.testing.assert_close(dw_m.to(dtype), dw_r, atol=0, rtol=0)  # the same fp32 sums, rounded once
