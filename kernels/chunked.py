@@ -20,23 +20,24 @@ Three entry points, used by logprobs.py and ppo_loss.py:
 Memory held (bytes; N rows, H hidden, V vocab, C chunk rows):
 - the chunk: C * V * 4 for fp32 Z, plus C * V * 2 for a separate 16-bit dZ on CUDA, plus C * V * 4 for the
   torch row pass's exp buffer (and C * V * 4 more with softcap). C = chunk_bytes // (those bytes per row).
-- dW: a V x H fp32 accumulator when dW is wanted. For fp32 weights it is returned as the gradient itself.
+- dW: a V x H fp32 accumulator when dW is wanted. For fp32 weights (including an fp32 master weight passed with
+  16-bit hidden states) it is returned as the gradient itself; 16-bit weights get it cast once at the end.
 - dX: N x H (fp32 in the fused PPO path, where it waits for the backward's scale; input dtype otherwise).
 - no fp32 copy of a 16-bit weight: on CUDA the GEMMs take 16-bit operands with fp32 output
   (`torch.mm(..., out_dtype=torch.float32)`); on CPU 16-bit weights are converted in V-blocks of
-  `_CPU_CONVERT_BYTES`.
+  `_CPU_CONVERT_BYTES`. An fp32 master weight with 16-bit hidden states costs one 16-bit copy on CUDA (V x H x 2,
+  what `weight.to(bf16)` under autocast makes anyway), for the duration of the op.
 """
 import contextlib
-import os
 
 import torch
 import triton
 import triton.language as tl
 
-# Default chunk budgets. CUDA: big enough that each GEMM keeps cuBLAS near peak (C ~ 700 rows at V = 128k) and
-# small next to the V x H fp32 dW accumulator. CPU: a chunk that stays in the last-level cache, so the row pass's
-# several sweeps cost cache bandwidth rather than DRAM bandwidth (chosen by measurement on the 2-core CI machine,
-# see bench/results/kernels-cpu-*.md), while C stays large enough that dW += dZ^T X_c is compute-bound.
+# Default chunk budgets. CUDA: big enough that each GEMM keeps cuBLAS near peak (C ~ 640 rows of bf16 at V = 128k;
+# not yet measured) and small next to the V x H fp32 dW accumulator. CPU: small chunks lose to the dW GEMM, which
+# reads and writes the whole V x H accumulator once per chunk: on the shared 2-core machine, PPO fwd+bwd at N=2048,
+# H=512, V=32000 took 26 / 13 / 8.6 / 8.2 s at 8 / 32 / 64 / 256 MiB (one loaded run, naive 7.8 s beside it).
 DEFAULT_CHUNK_BYTES = {"cuda": 512 << 20, "cpu": 128 << 20}
 _CPU_CONVERT_BYTES = 16 << 20  # fp32 V-block of a 16-bit weight converted at a time on CPU
 _ROW_BLOCK_V_GPU = 2048
@@ -45,10 +46,6 @@ _ROW_BLOCK_V_CPU = 64  # the interpreter runs tile ops in numpy: small blocks, a
 
 def default_chunk_bytes(device: torch.device) -> int:
     return DEFAULT_CHUNK_BYTES["cuda" if device.type == "cuda" else "cpu"]
-
-
-def use_triton_rows(device: torch.device) -> bool:
-    return device.type == "cuda" or os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def chunk_rows(n: int, v: int, dz_dtype: torch.dtype, device: torch.device, chunk_bytes: int, triton_rows: bool,

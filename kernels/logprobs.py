@@ -327,8 +327,8 @@ def _token_logprobs_bwd_triton(grad_logp, grad_entropy, hidden, weight, targets,
 # ------------------------------------------------------------------------------------------------------------------
 @torch.library.custom_op("sppo_fast::token_logprobs_fwd", mutates_args=())
 def _token_logprobs_fwd_op(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, temperature: float,
-                           softcap: Optional[float], ignore_index: int, return_entropy: bool,
-                           impl: str, chunk_bytes: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+                           softcap: Optional[float], ignore_index: int, return_entropy: bool, impl: str,
+                           chunk_bytes: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns (logp [N], entropy [N] or [0], lse [N], mean_z [N] or [0]), all fp32; lse/mean_z are for backward."""
     if impl == "triton":
         return _token_logprobs_fwd_triton(hidden, weight, targets, temperature, softcap, ignore_index,
