@@ -382,11 +382,14 @@ def test_out_of_range_targets_raise():
 
 
 @pytest.mark.skipif(not CUDA, reason="needs a GPU")
+@pytest.mark.parametrize("impl", ["chunked", "triton"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("temperature, softcap, entropy_on", [(1.0, None, False), (0.7, 30.0, True)],
                          ids=["plain", "T0.7-cap30-ent"])
-def test_triton_realistic_size_on_gpu(dtype, temperature, softcap, entropy_on):
-    _check_against_truth("triton", 4096, 1024, 32000, dtype, temperature, softcap, entropy_on, device="cuda")
+def test_realistic_size_on_gpu(impl, dtype, temperature, softcap, entropy_on):
+    # chunk_bytes: 64 MiB, several chunks at this size (the default budget would take all rows in one)
+    _check_against_truth(impl, 4096, 1024, 32000, dtype, temperature, softcap, entropy_on, device="cuda",
+                         chunk_bytes=None if impl == "triton" else 64 << 20)
 
 
 @pytest.mark.skipif(not CUDA, reason="needs a GPU")
