@@ -41,7 +41,7 @@ import triton.language as tl
 DEFAULT_CHUNK_BYTES = {"cuda": 512 << 20, "cpu": 128 << 20}
 _CPU_CONVERT_BYTES = 16 << 20  # fp32 V-block of a 16-bit weight converted at a time on CPU
 _ROW_BLOCK_V_GPU = 2048
-_ROW_BLOCK_V_CPU = 64  # the interpreter runs tile ops in numpy: small blocks, and still several per row in tests
+_ROW_BLOCK_V_CPU = 128  # the interpreter runs tile ops in numpy: small blocks, and still several per row in tests
 
 
 def default_chunk_bytes(device: torch.device) -> int:
