@@ -13,6 +13,8 @@ between rows are the result; absolute numbers belong to the GPU named in each ro
     python bench/bench_kernels.py --quick                            # CPU smoke test: N=64, H=32, V=257, fp32
     python bench/bench_kernels.py --cpu --isolate --shapes 2048x512x32000 --rep 5 --warmup 1 \
         --methods ours_ppo,torch --baseline-checkout /tmp/old      # CPU table: time + peak RSS per method
+    python bench/bench_kernels.py --cpu --interleave --shapes 8192x512x32000 --methods ours_ppo_loss,torch_compile
+                                                                   # round-robin timing on a shared machine
 
 Method names: ours_ppo_loss_<impl> (grads in the forward on chunked/torch; composed on triton),
 ours_ppo_recompute_<impl> (token_logprobs + ppo_clip_loss_from_logp: 4 GEMMs), ours_logprobs_<impl>, the peers
@@ -45,7 +47,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # bench/utils.py, when run as a script
-from utils import append_record, do_bench, environment, markdown_table  # noqa: E402
+from utils import _quantile, append_record, do_bench, environment, markdown_table  # noqa: E402
 
 from sppo_fast.kernels import ppo_clip_loss, token_logprobs  # noqa: E402
 
@@ -62,7 +64,7 @@ ENV_FIELDS = ["device", "torch", "cuda", "triton", "git_sha", "timestamp"]
 CSV_FIELDS = ["bench", "shape", "N", "H", "V", "dtype", "method", "mode", "median_ms", "p20_ms", "p80_ms",
               "peak_extra_gib", "peak_rss_mib", "peak_extra_rss_mib", "x_floor", "max_abs_err_logp", "compile_s",
               "gemm_fwd_ms", "gemm_dx_ms", "gemm_dw_ms", "three_gemm_ms", "tflops_fwd", "reps", "skipped", "error",
-              "code"] + ENV_FIELDS
+              "code", "interleaved"] + ENV_FIELDS
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -404,6 +406,37 @@ def spawn_child(args, shape_spec, method, mode, pythonpath=None):
     return {"method": method, "mode": mode, "error": f"child exited {proc.returncode}: {proc.stderr[-300:]}"}
 
 
+def run_interleaved(x, table, device, warmup, rep, floor):
+    """Round-robin timing of several methods in one process (A B C A B C ...): on a machine shared with other jobs
+    the load drifts over minutes, and interleaving puts every method under the same drift. Time only: one
+    process's peak memory cannot be split between methods."""
+    fns, rows = [], []
+    for method, mode, build, needs_grad in table:
+        row = {"method": method, "mode": mode, "interleaved": True}
+        try:
+            h_leaf, w_leaf = x.leaves(grad=needs_grad)
+            fns.append((row, build(x, h_leaf, w_leaf), h_leaf, w_leaf))
+        except Skip as e:
+            row["skipped"] = str(e)
+        rows.append(row)
+    times = {id(row): [] for row, *_ in fns}
+    for i in range(warmup + rep):
+        for row, fn, h_leaf, w_leaf in fns:
+            h_leaf.grad = w_leaf.grad = None
+            t0 = time.perf_counter()
+            fn()
+            if device == "cuda":
+                torch.cuda.synchronize()
+            if i >= warmup:
+                times[id(row)].append((time.perf_counter() - t0) * 1e3)
+    for row, *_ in fns:
+        ts = sorted(times[id(row)])
+        row.update(median_ms=_quantile(ts, 0.5), p20_ms=_quantile(ts, 0.2), p80_ms=_quantile(ts, 0.8), reps=len(ts))
+        if floor is not None:
+            row["x_floor"] = row["median_ms"] / floor["three_gemm_ms"]
+    return rows
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -425,6 +458,8 @@ def main():
                         help="each (method, mode) in a fresh process, recording its peak RSS (for CPU memory)")
     parser.add_argument("--baseline-checkout", default=None, metavar="DIR",
                         help="also run our methods from the code in DIR (another checkout's root), each isolated")
+    parser.add_argument("--interleave", action="store_true",
+                        help="time the selected methods round-robin in one process (no memory figures)")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
 
@@ -497,7 +532,14 @@ def main():
         free_memory()
 
         shape_spec = f"{n}x{h}x{v}"
-        for method, mode, build, needs_grad in method_table(device, interpret):
+        if args.interleave:
+            table = [m for m in method_table(device, interpret) if selected(m[0])]
+            for row in run_interleaved(x, table, device, warmup, rep, floor):
+                record(row)
+            table = []
+        else:
+            table = method_table(device, interpret)
+        for method, mode, build, needs_grad in table:
             if not selected(method):
                 continue
             if args.isolate and not args.quick:
