@@ -1,26 +1,45 @@
 """Fused log-prob and PPO-loss ops against their peers and against the three-GEMM floor, in one run on one GPU.
 
 Workload: per-token log p(target) from hidden [N, H] and lm_head weight [V, H] (bf16), forward and backward with a
-per-token upstream gradient (what a PPO/SPPO loss gives), at the issue's Qwen/Llama/Gemma shapes. Every method runs
-in the same process on the same inputs, so the ratios between rows are the result; absolute numbers belong to the
-GPU named in each row.
+per-token upstream gradient (what a PPO/SPPO loss gives), at the issue's Qwen/Llama/Gemma shapes; and the whole
+PPO loss (`ppo_clip_loss`, token ratio, per-sequence advantages) forward+backward and forward-only (the old-policy
+scoring pass), for each of our impls. Every method runs in the same process on the same inputs, so the ratios
+between rows are the result; absolute numbers belong to the GPU named in each row.
 
     python bench/bench_kernels.py                                    # the four issue shapes, bf16, CUDA
     python bench/bench_kernels.py --shapes qwen2.5-1.5b,llama3-8b    # a subset, by name
     python bench/bench_kernels.py --shapes 4096x2048x32000           # or N x H x V
     python bench/bench_kernels.py --methods ours,torch_naive         # method-name prefixes (floor always runs)
     python bench/bench_kernels.py --quick                            # CPU smoke test: N=64, H=32, V=257, fp32
+    python bench/bench_kernels.py --cpu --isolate --shapes 2048x512x32000 --rep 5 --warmup 1 \
+        --methods ours_ppo,torch --baseline-checkout /tmp/old      # CPU table: time + peak RSS per method
+    python bench/bench_kernels.py --cpu --interleave --shapes 8192x512x32000 --methods ours_ppo_loss,torch_compile
+                                                                   # round-robin timing on a shared machine
+
+Method names: ours_ppo_loss_<impl> (grads in the forward on chunked/torch; composed on triton),
+ours_ppo_recompute_<impl> (token_logprobs + ppo_clip_loss_from_logp: 4 GEMMs), ours_logprobs_<impl>, the peers
+(torch_naive, torch_compile_naive = torch.compile of the naive PPO-shaped loss, torch_chunked_ckpt, liger_*,
+cce_*), and floor_3gemm. Modes: "fwd" (no_grad) and "fwd+bwd".
 
 Rows are appended to --out (JSONL, or CSV if the name ends in .csv); default
 bench/results/kernels-<gpu>-<date>.jsonl, and a temp file in --quick mode (smoke-test timings are not figures).
 Peers are optional: one that is not installed, runs out of memory or fails is recorded with a note and skipped.
+
+Memory: on CUDA `peak_extra_gib` is the allocator's peak above what was allocated before the call (inputs, and the
+previous call's grads, which the call frees first). On CPU, --isolate runs every (method, mode) in a fresh process
+and records `peak_rss_mib` (the process's max RSS) and `peak_extra_rss_mib` (VmHWM after the runs minus VmRSS
+right after the inputs were built and the peak was reset through /proc/self/clear_refs).
+--baseline-checkout DIR also runs our methods from another checkout's code (e.g. `git worktree add DIR <sha>`
+plus its sppo_fast/kernels symlink), labelled `<method>@<sha>`, in the same run.
 """
 import argparse
 import datetime
 import gc
+import json
 import math
 import os
 import re
+import subprocess
 import sys
 import tempfile
 import time
@@ -28,7 +47,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # bench/utils.py, when run as a script
-from utils import append_record, do_bench, environment, markdown_table  # noqa: E402
+from utils import _quantile, append_record, do_bench, environment, markdown_table  # noqa: E402
 
 from sppo_fast.kernels import ppo_clip_loss, token_logprobs  # noqa: E402
 
@@ -43,8 +62,9 @@ FLOOR_CHUNK_ROWS = 16384  # the floor's GEMMs are timed on row chunks of this si
 ERR_ROWS = 1024  # logp error is measured against an fp32 reference on the first rows only (full logits)
 ENV_FIELDS = ["device", "torch", "cuda", "triton", "git_sha", "timestamp"]
 CSV_FIELDS = ["bench", "shape", "N", "H", "V", "dtype", "method", "mode", "median_ms", "p20_ms", "p80_ms",
-              "peak_extra_gib", "x_floor", "max_abs_err_logp", "compile_s", "gemm_fwd_ms", "gemm_dx_ms", "gemm_dw_ms",
-              "three_gemm_ms", "tflops_fwd", "reps", "skipped", "error"] + ENV_FIELDS
+              "peak_extra_gib", "peak_rss_mib", "peak_extra_rss_mib", "x_floor", "max_abs_err_logp", "compile_s",
+              "gemm_fwd_ms", "gemm_dx_ms", "gemm_dw_ms", "three_gemm_ms", "tflops_fwd", "reps", "skipped", "error",
+              "code", "interleaved"] + ENV_FIELDS
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -101,11 +121,31 @@ def build_ours_logprobs(impl, backward):
     return build
 
 
-def build_ours_ppo(impl):
+def build_ours_ppo(impl, backward):
     def build(x, h, w):
+        if backward:
+            def fn():
+                loss, _ = ppo_clip_loss(h, w, x.targets, x.old_logp, x.seq_advantages, cu_seqlens=x.cu_seqlens,
+                                        impl=impl)
+                loss.backward()
+        else:
+            def fn():
+                with torch.no_grad():  # forward-only: the loss and stats, one GEMM per chunk
+                    ppo_clip_loss(h, w, x.targets, x.old_logp, x.seq_advantages, cu_seqlens=x.cu_seqlens,
+                                  impl=impl)
+        return fn
+    return build
+
+
+def build_ours_ppo_recompute(impl):
+    """The composed route: token_logprobs (forward) + the loss on [N] vectors; the backward recomputes logits."""
+    def build(x, h, w):
+        from sppo_fast.kernels import ppo_clip_loss_from_logp
+
         def fn():
-            loss, _ = ppo_clip_loss(h, w, x.targets, x.old_logp, x.seq_advantages, cu_seqlens=x.cu_seqlens,
-                                    impl=impl)
+            logp, entropy = token_logprobs(h, w, x.targets, impl=impl, return_entropy=True)
+            loss, _ = ppo_clip_loss_from_logp(logp, x.old_logp, x.seq_advantages, None, x.cu_seqlens,
+                                              entropy=entropy.detach())
             loss.backward()
         return fn
     return build
@@ -128,6 +168,7 @@ def build_naive(backward):
 
 def build_compiled_naive(x, h, w):
     def loss_fn(h, w, t, g):
+        # fp32 log-softmax of the full logits times a per-token upstream gradient: the naive PPO-shaped loss
         return (_naive_logp(h, w, t) * g).sum()
 
     torch._dynamo.reset()
@@ -212,10 +253,13 @@ def method_table(device, interpret):
     """(method, mode, builder, needs grad). Triton runs on CUDA, or on CPU only under TRITON_INTERPRET=1."""
     triton_ok = device == "cuda" or interpret
     rows = []
-    for impl in (["triton"] if triton_ok else []) + ["torch"]:
-        rows += [(f"ours_logprobs_{impl}", "fwd", build_ours_logprobs(impl, False), False),
-                 (f"ours_logprobs_{impl}", "fwd+bwd", build_ours_logprobs(impl, True), True),
-                 (f"ours_ppo_loss_{impl}", "fwd+bwd", build_ours_ppo(impl), True)]
+    for impl in (["chunked", "triton"] if triton_ok else []) + ["torch"]:
+        rows += [(f"ours_ppo_loss_{impl}", "fwd", build_ours_ppo(impl, False), False),
+                 (f"ours_ppo_loss_{impl}", "fwd+bwd", build_ours_ppo(impl, True), True),
+                 (f"ours_logprobs_{impl}", "fwd", build_ours_logprobs(impl, False), False),
+                 (f"ours_logprobs_{impl}", "fwd+bwd", build_ours_logprobs(impl, True), True)]
+        if impl != "triton":  # on triton ppo_clip_loss is this composed route already
+            rows.append((f"ours_ppo_recompute_{impl}", "fwd+bwd", build_ours_ppo_recompute(impl), True))
     rows += [("torch_naive", "fwd", build_naive(False), False),
              ("torch_naive", "fwd+bwd", build_naive(True), True),
              ("torch_compile_naive", "fwd+bwd", build_compiled_naive, True),
@@ -263,6 +307,136 @@ def free_memory():
         torch.cuda.empty_cache()
 
 
+def _proc_status_kib(key):
+    """VmRSS / VmHWM of this process in KiB (Linux), or None."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(key + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+def _reset_peak_rss():
+    """Reset VmHWM to the current RSS (Linux >= 4.0: write 5 to clear_refs). False where unsupported."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def run_method(x, method, mode, build, needs_grad, device, warmup, rep, floor, quick, rss=False):
+    """One row: timing (do_bench), peak memory, logp error. Failures are recorded, not raised."""
+    row = {"method": method, "mode": mode}
+    if quick and method == "torch_compile_naive":
+        return {**row, "skipped": "quick mode (compile time dominates)"}
+    try:
+        h_leaf, w_leaf = x.leaves(grad=needs_grad)
+        fn = build(x, h_leaf, w_leaf)
+        last = {}
+
+        def run():
+            last["out"] = fn()
+
+        def reset_grads():
+            h_leaf.grad = w_leaf.grad = None
+
+        base_rss = None
+        if rss:
+            gc.collect()
+            if _reset_peak_rss():
+                base_rss = _proc_status_kib("VmRSS")
+        if method == "torch_compile_naive":  # the first call compiles: time it apart
+            t0 = time.perf_counter()
+            run()
+            if device == "cuda":
+                torch.cuda.synchronize()
+            row["compile_s"] = time.perf_counter() - t0
+        row.update(do_bench(run, warmup=warmup, rep=rep, setup=reset_grads, device=device))
+        if rss:
+            hwm = _proc_status_kib("VmHWM")
+            row["peak_rss_mib"] = None if hwm is None else hwm / 1024
+            if base_rss is not None and hwm is not None:
+                row["peak_extra_rss_mib"] = (hwm - base_rss) / 1024
+        if floor is not None:
+            row["x_floor"] = row["median_ms"] / floor["three_gemm_ms"]
+        logp = last.get("out")
+        if logp is not None:
+            rows_checked = x.ref_logp.shape[0]
+            row["max_abs_err_logp"] = (logp[:rows_checked].float() - x.ref_logp).abs().max().item()
+    except Skip as e:
+        row["skipped"] = str(e)
+    except torch.OutOfMemoryError:
+        row["error"] = "OOM"
+    except Exception as e:  # noqa: BLE001 - a failing peer is a result to record, not a crash
+        row["error"] = f"{type(e).__name__}: {e}"[:300]
+    return row
+
+
+def run_child(args, x, device, warmup, rep, interpret):
+    """--child METHOD|MODE: one method in this fresh process; prints its row as JSON on the last line."""
+    method, mode = args.child.split("|")
+    for name, m, build, needs_grad in method_table(device, interpret):
+        if name == method and m == mode:
+            row = run_method(x, name, m, build, needs_grad, device, warmup, rep, None, False, rss=True)
+            break
+    else:
+        row = {"method": method, "mode": mode, "error": "unknown method in this checkout"}
+    print("CHILD_ROW " + json.dumps(row), flush=True)
+
+
+def spawn_child(args, shape_spec, method, mode, pythonpath=None):
+    cmd = [sys.executable, os.path.abspath(__file__), "--child", f"{method}|{mode}", "--shapes", shape_spec,
+           "--warmup", str(args.warmup), "--rep", str(args.rep), "--seq-len", str(args.seq_len)]
+    if args.dtype:
+        cmd += ["--dtype", args.dtype]
+    if args.cpu:
+        cmd.append("--cpu")
+    env = dict(os.environ)
+    if pythonpath:
+        env["PYTHONPATH"] = pythonpath + os.pathsep + env.get("PYTHONPATH", "")
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    for line in reversed(proc.stdout.splitlines()):
+        if line.startswith("CHILD_ROW "):
+            return json.loads(line[len("CHILD_ROW "):])
+    return {"method": method, "mode": mode, "error": f"child exited {proc.returncode}: {proc.stderr[-300:]}"}
+
+
+def run_interleaved(x, table, device, warmup, rep, floor):
+    """Round-robin timing of several methods in one process (A B C A B C ...): on a machine shared with other jobs
+    the load drifts over minutes, and interleaving puts every method under the same drift. Time only: one
+    process's peak memory cannot be split between methods."""
+    fns, rows = [], []
+    for method, mode, build, needs_grad in table:
+        row = {"method": method, "mode": mode, "interleaved": True}
+        try:
+            h_leaf, w_leaf = x.leaves(grad=needs_grad)
+            fns.append((row, build(x, h_leaf, w_leaf), h_leaf, w_leaf))
+        except Skip as e:
+            row["skipped"] = str(e)
+        rows.append(row)
+    times = {id(row): [] for row, *_ in fns}
+    for i in range(warmup + rep):
+        for row, fn, h_leaf, w_leaf in fns:
+            h_leaf.grad = w_leaf.grad = None
+            t0 = time.perf_counter()
+            fn()
+            if device == "cuda":
+                torch.cuda.synchronize()
+            if i >= warmup:
+                times[id(row)].append((time.perf_counter() - t0) * 1e3)
+    for row, *_ in fns:
+        ts = sorted(times[id(row)])
+        row.update(median_ms=_quantile(ts, 0.5), p20_ms=_quantile(ts, 0.2), p80_ms=_quantile(ts, 0.8), reps=len(ts))
+        if floor is not None:
+            row["x_floor"] = row["median_ms"] / floor["three_gemm_ms"]
+    return rows
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -278,9 +452,18 @@ def main():
     parser.add_argument("--out", default=None, help="results file (.jsonl or .csv), appended to")
     parser.add_argument("--quick", action="store_true",
                         help="smoke test at N=64, H=32, V=257 on the available device; skips torch.compile")
+    parser.add_argument("--cpu", action="store_true",
+                        help="run --shapes on the CPU even if a GPU is present (the CPU table; fp32 by default)")
+    parser.add_argument("--isolate", action="store_true",
+                        help="each (method, mode) in a fresh process, recording its peak RSS (for CPU memory)")
+    parser.add_argument("--baseline-checkout", default=None, metavar="DIR",
+                        help="also run our methods from the code in DIR (another checkout's root), each isolated")
+    parser.add_argument("--interleave", action="store_true",
+                        help="time the selected methods round-robin in one process (no memory figures)")
+    parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
 
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = "cuda" if torch.cuda.is_available() and not args.cpu else "cpu"
     interpret = os.environ.get("TRITON_INTERPRET") == "1"
     if args.quick:
         shapes, warmup, rep, seq_len = QUICK_SHAPE, 1, 3, 16
@@ -288,14 +471,19 @@ def main():
             # at these sizes OpenMP's thread hand-off costs more than the work (tens of ms on a shared machine)
             torch.set_num_threads(1)
     else:
-        if device != "cuda":
-            raise SystemExit("the full benchmark needs a CUDA GPU; use --quick for a CPU smoke test")
+        if device != "cuda" and not args.cpu:
+            raise SystemExit("the full benchmark needs a CUDA GPU; use --quick for a CPU smoke test, or --cpu")
         shapes, warmup, rep, seq_len = parse_shapes(args.shapes), args.warmup, args.rep, args.seq_len
     dtype_name = args.dtype or ("bf16" if device == "cuda" else "fp32")
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype_name]
     if device == "cpu" and interpret and dtype == torch.bfloat16:
         print("note: the Triton interpreter computes bf16 tl.dot wrongly; triton rows will be inaccurate",
               file=sys.stderr)
+
+    if args.child:
+        (n, h, v), = shapes.values()
+        run_child(args, Inputs(n, h, v, dtype, device, seq_len), device, warmup, rep, interpret)
+        return
 
     env = environment(device)
     date = datetime.date.today().isoformat()
@@ -307,6 +495,12 @@ def main():
         gpu = re.sub(r"[^a-z0-9]+", "-", env["device"].lower()).strip("-")
         out = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", f"kernels-{gpu}-{date}.jsonl")
     wanted = None if args.methods is None else [m.strip() for m in args.methods.split(",")]
+    baseline_sha = None
+    if args.baseline_checkout:
+        # a git checkout's short SHA, else the directory's name (e.g. an extracted `git archive <sha>`)
+        baseline_sha = subprocess.run(["git", "-C", args.baseline_checkout, "rev-parse", "--short", "HEAD"],
+                                      capture_output=True, text=True).stdout.strip() \
+            or os.path.basename(os.path.normpath(args.baseline_checkout))
 
     def selected(name):
         return wanted is None or any(name.startswith(p) for p in wanted)
@@ -337,46 +531,32 @@ def main():
             record({"method": "floor_3gemm", "error": "OOM"})
         free_memory()
 
-        for method, mode, build, needs_grad in method_table(device, interpret):
+        shape_spec = f"{n}x{h}x{v}"
+        if args.interleave:
+            table = [m for m in method_table(device, interpret) if selected(m[0])]
+            for row in run_interleaved(x, table, device, warmup, rep, floor):
+                record(row)
+            table = []
+        else:
+            table = method_table(device, interpret)
+        for method, mode, build, needs_grad in table:
             if not selected(method):
                 continue
-            row = {"method": method, "mode": mode}
-            if args.quick and method == "torch_compile_naive":
-                record({**row, "skipped": "quick mode (compile time dominates)"})
-                continue
-            try:
-                h_leaf, w_leaf = x.leaves(grad=needs_grad)
-                fn = build(x, h_leaf, w_leaf)
-                last = {}
-
-                def run():
-                    last["out"] = fn()
-
-                def reset_grads():
-                    h_leaf.grad = w_leaf.grad = None
-
-                if method == "torch_compile_naive":  # the first call compiles: time it apart
-                    t0 = time.perf_counter()
-                    run()
-                    if device == "cuda":
-                        torch.cuda.synchronize()
-                    row["compile_s"] = time.perf_counter() - t0
-                row.update(do_bench(run, warmup=warmup, rep=rep, setup=reset_grads, device=device))
-                if floor is not None:
+            if args.isolate and not args.quick:
+                row = spawn_child(args, shape_spec, method, mode)
+                if floor is not None and row.get("median_ms"):
                     row["x_floor"] = row["median_ms"] / floor["three_gemm_ms"]
-                logp = last.get("out")
-                if logp is not None:
-                    rows_checked = x.ref_logp.shape[0]
-                    row["max_abs_err_logp"] = (logp[:rows_checked].float() - x.ref_logp).abs().max().item()
-            except Skip as e:
-                row["skipped"] = str(e)
-            except torch.OutOfMemoryError:
-                row["error"] = "OOM"
-            except Exception as e:  # noqa: BLE001 - a failing peer is a result to record, not a crash
-                row["error"] = f"{type(e).__name__}: {e}"[:300]
+            else:
+                row = run_method(x, method, mode, build, needs_grad, device, warmup, rep, floor, args.quick)
             record(row)
-            fn = last = h_leaf = w_leaf = None
             free_memory()
+        if baseline_sha:
+            for method, mode, _, _ in method_table(device, interpret):
+                if method.startswith("ours_") and selected(method):
+                    row = spawn_child(args, shape_spec, method, mode, pythonpath=args.baseline_checkout)
+                    if floor is not None and row.get("median_ms"):
+                        row["x_floor"] = row["median_ms"] / floor["three_gemm_ms"]
+                    record({**row, "method": f"{method}@{baseline_sha}", "code": baseline_sha})
 
         print(f"\n## {shape_name}: N={n}, H={h}, V={v}, {dtype_name}, {env['device']}\n")
         for r in rows:
@@ -384,6 +564,8 @@ def main():
         print(markdown_table(rows, [("method", "method", None), ("mode", "mode", None),
                                     ("median ms", "median_ms", ".3g"), ("p20 ms", "p20_ms", ".3g"),
                                     ("p80 ms", "p80_ms", ".3g"), ("peak extra GiB", "peak_extra_gib", ".3f"),
+                                    ("peak RSS MiB", "peak_rss_mib", ".0f"),
+                                    ("RSS above inputs MiB", "peak_extra_rss_mib", ".0f"),
                                     ("x 3-GEMM floor", "x_floor", ".2f"), ("max err logp", "max_abs_err_logp", ".2e"),
                                     ("note", "note", None)]))
         del x

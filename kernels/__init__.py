@@ -1,8 +1,10 @@
 """sppo_fast.kernels: fused log-prob and PPO-loss ops computed from hidden states and the lm_head weight.
 
-Depends on torch and triton only; never imports the trainer. Every op takes `impl="auto"|"triton"|"torch"`:
-"triton" is the fused kernel (CUDA, or the CPU interpreter under TRITON_INTERPRET=1), "torch" a chunked pure-torch
-path that runs anywhere, "auto" picks triton on CUDA tensors and torch otherwise.
+Depends on torch and triton only; never imports the trainer. The log-prob and PPO ops take
+`impl="auto"|"chunked"|"torch"|"triton"`: "chunked" is the row-chunked path (vendor GEMMs per chunk of rows, one
+Triton row pass in between; CUDA, or the CPU interpreter under TRITON_INTERPRET=1), "torch" the same chunk loop with
+a torch row pass (runs anywhere), "triton" the tile-fused kernel, and "auto" picks "chunked" on CUDA tensors and
+"torch" otherwise (see kernels/_utils.py for why). segment_sum takes "auto"|"triton"|"torch" ("chunked" = triton).
 """
 if __name__ == "sppo_fast.kernels":
     from .logprobs import token_logprobs

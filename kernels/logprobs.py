@@ -3,11 +3,16 @@
     z = cap(hidden @ weight.T) / temperature,   logp[i] = z[i, t_i] - logsumexp(z[i]),
     entropy[i] = logsumexp(z[i]) - sum_j softmax(z[i])_j * z[i, j]
 
-Two implementations behind one pair of `torch.library` custom ops (so `torch.compile` sees one opaque node):
-- "triton": one fused kernel per tile (GEMM over H + online log-sum-exp over V + target gather + entropy sums),
-  a tiny combine kernel over V splits, and one fused backward kernel that recomputes each logit tile.
-- "torch": rows in chunks sized from a byte budget, fp32 math (one fp32 copy of a 16-bit weight); runs anywhere.
-Both save only the inputs plus two fp32 numbers per row (lse, E[z]) and recompute logits in backward.
+Three implementations behind one pair of `torch.library` custom ops (so `torch.compile` sees one opaque node):
+- "chunked" (kernels/chunked.py): rows in chunks sized from a byte budget; per chunk the vendor GEMM (cuBLAS)
+  writes fp32 logits [C, V] and one Triton row pass reduces them (lse, target logit, entropy); the backward
+  recomputes the chunk (GEMM), writes dZ with the row pass and does dX = dZ W, dW += dZ^T X by the vendor GEMM.
+  4 GEMMs in all (1 forward, 3 backward), extra memory = the chunk budget + a V x H fp32 dW accumulator.
+- "torch": the same chunk loop with the row pass in torch ops; runs anywhere (the CPU default).
+- "triton": tile-fused: one Triton kernel per (row block, V split) does GEMM tile + online log-sum-exp + target
+  gather + entropy, a combine kernel merges V splits, and one backward kernel recomputes each logit tile and adds
+  dX, dW with fp32 atomics. ~0 extra memory besides fp32 dX/dW accumulators; 4 GEMMs at Triton's matmul speed.
+All save only the inputs plus two fp32 numbers per row (lse, E[z]) and recompute logits in backward.
 """
 import contextlib
 import os
@@ -17,15 +22,14 @@ import torch
 import triton
 import triton.language as tl
 
-from ._utils import check_same_device, resolve_impl
+from . import chunked
+from ._utils import check_chunk_bytes, check_same_device, resolve_impl
 
 # ------------------------------------------------------------------------------------------------------------------
 _FLOAT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 # A finite "-inf" for running maxima: with it, (m_old - m_new) * sum_old stays 0 * finite = 0 on the first tile
 # instead of -inf * 0 = NaN, and exp(m_old - m_new) underflows to exactly 0.
 _NEG_INIT = tl.constexpr(-1.0e30)
-# Torch path: rows per chunk = budget // (4 bytes * V) for each fp32 [chunk, V] temporary (a few are live at once).
-_TORCH_CHUNK_BYTES = 256 << 20
 
 
 class _TileConfig(NamedTuple):
@@ -207,7 +211,8 @@ def _logprobs_bwd_kernel(
 
     z, th = _logits_tile(X, W, rows, cols, row_mask, col_mask, H, h_end, inv_temperature, softcap,
                          HAS_SOFTCAP, DOT_PRECISION, BLOCK_N, BLOCK_V, BLOCK_H)
-    p = tl.exp(z - lse[:, None])
+    # ignored rows stored lse = 0: keep exp from overflowing on them (their dl is zeroed below anyway)
+    p = tl.exp(tl.where(valid[:, None], z - lse[:, None], -float("inf")))
     is_target = (cols[None, :] == tgt[:, None]).to(tl.float32)
     dz = g_logp[:, None] * (is_target - p)
     if HAS_ENTROPY:
@@ -319,91 +324,21 @@ def _token_logprobs_bwd_triton(grad_logp, grad_entropy, hidden, weight, targets,
     return dx, dw
 
 
-def _torch_chunk_rows(v):
-    return max(1, _TORCH_CHUNK_BYTES // (4 * v))
-
-
-def _torch_logits(x32, w32, temperature, softcap):
-    """fp32 z for one chunk of rows, and tanh(l / softcap) (or None) for the backward."""
-    logits = x32 @ w32.T
-    th = None
-    if softcap is not None:
-        th = torch.tanh(logits / softcap)
-        logits = softcap * th
-    return logits / temperature, th
-
-
-def _token_logprobs_fwd_torch(hidden, weight, targets, temperature, softcap, ignore_index, return_entropy):
-    n = hidden.shape[0]
-    f32 = dict(device=hidden.device, dtype=torch.float32)
-    logp, lse = torch.empty(n, **f32), torch.empty(n, **f32)
-    entropy = torch.empty(n if return_entropy else 0, **f32)
-    mean_z = torch.empty(n if return_entropy else 0, **f32)
-    # One fp32 copy of the head (V*H*4 bytes, none for fp32 weights) instead of one per chunk.
-    w32 = weight.float()
-    chunk = _torch_chunk_rows(weight.shape[0])
-    for start in range(0, n, chunk):
-        rows = slice(start, start + chunk)
-        z, _ = _torch_logits(hidden[rows].float(), w32, temperature, softcap)
-        tgt = targets[rows].long()
-        valid = tgt != ignore_index
-        # Shift by the row max first: entropy = lse - E[z] then subtracts numbers of size log(V), not of size max z.
-        z_max = z.amax(dim=1, keepdim=True)
-        z -= z_max
-        lse_shifted = torch.logsumexp(z, dim=1)
-        z_target = z.gather(1, torch.where(valid, tgt, 0)[:, None]).squeeze(1)
-        logp[rows] = torch.where(valid, z_target - lse_shifted, 0.0)
-        lse[rows] = torch.where(valid, z_max.squeeze(1) + lse_shifted, 0.0)
-        if return_entropy:
-            p = torch.exp(z - lse_shifted[:, None])
-            mean_shifted = (p * z).sum(dim=1)
-            entropy[rows] = torch.where(valid, lse_shifted - mean_shifted, 0.0)
-            mean_z[rows] = torch.where(valid, z_max.squeeze(1) + mean_shifted, 0.0)
-    return logp, entropy, lse, mean_z
-
-
-def _token_logprobs_bwd_torch(grad_logp, grad_entropy, hidden, weight, targets, lse, mean_z, temperature,
-                              softcap, ignore_index, compute_dx, compute_dw):
-    n, h = hidden.shape
-    w32 = weight.float()
-    dx = torch.empty((n, h), device=hidden.device, dtype=hidden.dtype) if compute_dx else hidden.new_empty(0)
-    dw32 = torch.zeros(weight.shape, device=weight.device, dtype=torch.float32) if compute_dw else None
-    chunk = _torch_chunk_rows(weight.shape[0])
-    for start in range(0, n, chunk):
-        rows = slice(start, start + chunk)
-        x32 = hidden[rows].float()
-        z, th = _torch_logits(x32, w32, temperature, softcap)
-        tgt = targets[rows].long()
-        valid = tgt != ignore_index
-        p = torch.exp(z - lse[rows, None])
-        g = torch.where(valid, grad_logp[rows], 0.0)
-        dz = -g[:, None] * p
-        dz.scatter_add_(1, torch.where(valid, tgt, 0)[:, None], g[:, None])
-        if grad_entropy is not None:
-            g_ent = torch.where(valid, grad_entropy[rows], 0.0)
-            dz -= g_ent[:, None] * p * (z - mean_z[rows, None])
-        dl = dz / temperature
-        if softcap is not None:
-            dl *= 1.0 - th * th
-        if compute_dx:
-            dx[rows] = dl @ w32
-        if compute_dw:
-            dw32.addmm_(dl.T, x32)
-    return dx, (dw32.to(weight.dtype) if compute_dw else weight.new_empty(0))
-
-
 # ------------------------------------------------------------------------------------------------------------------
 @torch.library.custom_op("sppo_fast::token_logprobs_fwd", mutates_args=())
 def _token_logprobs_fwd_op(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, temperature: float,
-                           softcap: Optional[float], ignore_index: int, return_entropy: bool,
-                           impl: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+                           softcap: Optional[float], ignore_index: int, return_entropy: bool, impl: str,
+                           chunk_bytes: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns (logp [N], entropy [N] or [0], lse [N], mean_z [N] or [0]), all fp32; lse/mean_z are for backward."""
-    fwd = _token_logprobs_fwd_triton if impl == "triton" else _token_logprobs_fwd_torch
-    return fwd(hidden, weight, targets, temperature, softcap, ignore_index, return_entropy)
+    if impl == "triton":
+        return _token_logprobs_fwd_triton(hidden, weight, targets, temperature, softcap, ignore_index,
+                                          return_entropy)
+    return chunked.logprobs_fwd(hidden, weight, targets, temperature, softcap, ignore_index, return_entropy,
+                                chunk_bytes, triton_rows=impl == "chunked")
 
 
 @_token_logprobs_fwd_op.register_fake
-def _(hidden, weight, targets, temperature, softcap, ignore_index, return_entropy, impl):
+def _(hidden, weight, targets, temperature, softcap, ignore_index, return_entropy, impl, chunk_bytes):
     n = hidden.shape[0]
     n_entropy = n if return_entropy else 0
     new = lambda size: hidden.new_empty(size, dtype=torch.float32)  # noqa: E731
@@ -414,42 +349,46 @@ def _(hidden, weight, targets, temperature, softcap, ignore_index, return_entrop
 def _token_logprobs_bwd_op(grad_logp: torch.Tensor, grad_entropy: Optional[torch.Tensor], hidden: torch.Tensor,
                            weight: torch.Tensor, targets: torch.Tensor, lse: torch.Tensor, mean_z: torch.Tensor,
                            temperature: float, softcap: Optional[float], ignore_index: int, compute_dx: bool,
-                           compute_dw: bool, impl: str) -> tuple[torch.Tensor, torch.Tensor]:
+                           compute_dw: bool, impl: str, chunk_bytes: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Returns (d hidden or [0], d weight or [0]) in the inputs' dtype."""
-    bwd = _token_logprobs_bwd_triton if impl == "triton" else _token_logprobs_bwd_torch
     # Upstream grads are often expanded views (the grad of a sum has stride 0): kernels need them dense.
+    grad_logp = grad_logp.float().contiguous()
     grad_entropy = None if grad_entropy is None else grad_entropy.float().contiguous()
-    return bwd(grad_logp.float().contiguous(), grad_entropy, hidden, weight, targets, lse, mean_z, temperature,
-               softcap, ignore_index, compute_dx, compute_dw)
+    if impl == "triton":
+        return _token_logprobs_bwd_triton(grad_logp, grad_entropy, hidden, weight, targets, lse, mean_z,
+                                          temperature, softcap, ignore_index, compute_dx, compute_dw)
+    return chunked.logprobs_bwd(grad_logp, grad_entropy, hidden, weight, targets, lse, mean_z, temperature,
+                                softcap, ignore_index, compute_dx, compute_dw, chunk_bytes,
+                                triton_rows=impl == "chunked")
 
 
 @_token_logprobs_bwd_op.register_fake
 def _(grad_logp, grad_entropy, hidden, weight, targets, lse, mean_z, temperature, softcap, ignore_index,
-      compute_dx, compute_dw, impl):
+      compute_dx, compute_dw, impl, chunk_bytes):
     dx = torch.empty_like(hidden) if compute_dx else hidden.new_empty(0)
     dw = torch.empty_like(weight) if compute_dw else weight.new_empty(0)
     return dx, dw
 
 
 def _setup_context(ctx, inputs, output):
-    hidden, weight, targets, temperature, softcap, ignore_index, return_entropy, impl = inputs
+    hidden, weight, targets, temperature, softcap, ignore_index, return_entropy, impl, chunk_bytes = inputs
     _, _, lse, mean_z = output
     ctx.save_for_backward(hidden, weight, targets, lse, mean_z)
     ctx.mark_non_differentiable(lse, mean_z)
-    ctx.options = (temperature, softcap, ignore_index, return_entropy, impl)
+    ctx.options = (temperature, softcap, ignore_index, return_entropy, impl, chunk_bytes)
 
 
 def _backward(ctx, grad_logp, grad_entropy, _grad_lse, _grad_mean_z):
     hidden, weight, targets, lse, mean_z = ctx.saved_tensors
-    temperature, softcap, ignore_index, return_entropy, impl = ctx.options
+    temperature, softcap, ignore_index, return_entropy, impl, chunk_bytes = ctx.options
     compute_dx, compute_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
     if grad_logp is None:
         grad_logp = torch.zeros_like(lse)
     dx, dw = torch.ops.sppo_fast.token_logprobs_bwd(
         grad_logp, grad_entropy if return_entropy else None, hidden, weight, targets, lse, mean_z,
-        temperature, softcap, ignore_index, compute_dx, compute_dw, impl,
+        temperature, softcap, ignore_index, compute_dx, compute_dw, impl, chunk_bytes,
     )
-    return (dx if compute_dx else None, dw if compute_dw else None) + (None,) * 6
+    return (dx if compute_dx else None, dw if compute_dw else None) + (None,) * 7
 
 
 _token_logprobs_fwd_op.register_autograd(_backward, setup_context=_setup_context)
@@ -471,8 +410,9 @@ def _check_inputs(hidden, weight, targets, temperature, softcap):
         raise ValueError(f"targets must be int32 or int64, got {targets.dtype}")
     if hidden.dtype not in _FLOAT_DTYPES:
         raise ValueError(f"hidden dtype must be one of {_FLOAT_DTYPES}, got {hidden.dtype}")
-    if weight.dtype != hidden.dtype:
-        raise ValueError(f"weight dtype must equal hidden dtype {hidden.dtype}, got {weight.dtype}")
+    if weight.dtype != hidden.dtype and not (weight.dtype == torch.float32 and hidden.dtype != torch.float32):
+        raise ValueError(f"weight dtype must equal hidden dtype {hidden.dtype} (or be fp32, a master weight with "
+                         f"16-bit hidden states), got {weight.dtype}")
     check_same_device(hidden=hidden, weight=weight, targets=targets)
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
@@ -491,18 +431,24 @@ def _check_target_values(targets, vocab_size, ignore_index):
 
 
 def token_logprobs(hidden, weight, targets, *, temperature=1.0, softcap=None, ignore_index=-100,
-                   return_entropy=False, impl="auto", check_values=False):
+                   return_entropy=False, impl="auto", chunk_bytes=None, check_values=False):
     """Log-probabilities of `targets` under softmax(cap(hidden @ weight.T) / temperature), never storing [N, V].
 
     Args:
         hidden: [N, H] bf16/fp16/fp32, the final hidden states (one row per token).
-        weight: [V, H] same dtype and device, the lm_head weight (frozen is fine: no dW work is done then).
+        weight: [V, H] same dtype and device, the lm_head weight (frozen is fine: no dW work is done then). With
+            16-bit hidden states it may also be fp32 (a master weight under autocast; "chunked"/"torch" only): the
+            products use its 16-bit rounding, as autocast would, and dW comes back in fp32 straight from the
+            fp32 accumulator, with no 16-bit gradient and no cast back in between.
         targets: [N] int32/int64, the next-token ids; rows equal to `ignore_index` give 0 and no gradient.
         temperature: > 0, divides the (capped) logits, as the sampler did.
         softcap: None, or c > 0 for Gemma-style capping c * tanh(logits / c), applied before the temperature.
         return_entropy: also return the entropy of each row's distribution.
-        impl: "triton" (CUDA, or the CPU interpreter under TRITON_INTERPRET=1), "torch" (chunked, any device),
-            or "auto" (triton on CUDA, torch elsewhere).
+        impl: "chunked" (vendor GEMMs + Triton row pass; CUDA, or the CPU interpreter under TRITON_INTERPRET=1),
+            "torch" (the same chunks with a torch row pass; any device), "triton" (tile-fused kernel; CUDA or the
+            interpreter), or "auto" ("chunked" on CUDA, "torch" elsewhere).
+        chunk_bytes: scratch budget of the chunked/torch impls (rows per chunk = chunk_bytes // bytes per row of
+            fp32 logits and dZ); None = 512 MiB on CUDA, 128 MiB on CPU. Ignored by "triton".
         check_values: check on the host that every target is in [0, V) or ignore_index, raising ValueError with
             the first bad position. It is a host sync (and a graph break under torch.compile): use it eagerly, for
             the first steps only. Without it the check is a device-side `torch._assert_async`, which costs no sync
@@ -513,7 +459,13 @@ def token_logprobs(hidden, weight, targets, *, temperature=1.0, softcap=None, ig
         respect to hidden and weight. Non-contiguous inputs are made contiguous (a copy). The forward is
         deterministic (same inputs, same bits), so old-policy log-probs taken under no_grad give a PPO ratio of
         exactly 1 before the first update. The backward's fp32 atomics (impl="triton") may round differently
-        from run to run.
+        from run to run. Math is fp32 whatever autocast is active. Rows equal to ignore_index contribute exactly
+        zero whatever their hidden state holds.
+
+    Memory (chunked/torch): besides the inputs, the forward keeps 2 x N fp32 (lse, E[z]) for the backward and
+    uses the chunk budget; the backward holds the chunk budget, dX in the input dtype and a V x H fp32 dW
+    accumulator (returned as the gradient for fp32 weights, cast to 16 bits otherwise). Under no_grad only
+    the forward runs: one GEMM per chunk (the old-log-prob scoring pass).
 
     Example::
 
@@ -525,9 +477,9 @@ def token_logprobs(hidden, weight, targets, *, temperature=1.0, softcap=None, ig
     """
     _check_inputs(hidden, weight, targets, temperature, softcap)
     impl = resolve_impl(impl, hidden, weight)
-    if impl == "triton" and not _triton_available_for(hidden):
-        raise ValueError("impl='triton' needs CUDA tensors (or TRITON_INTERPRET=1 for the CPU interpreter); "
-                         "use impl='torch' or 'auto' on this device")
+    check_triton_available(impl, hidden)
+    check_mixed_dtypes(impl, hidden, weight)
+    chunk_bytes = check_chunk_bytes(chunk_bytes, hidden.device)
     vocab_size = weight.shape[0]
     if check_values:
         _check_target_values(targets, vocab_size, ignore_index)
@@ -536,6 +488,18 @@ def token_logprobs(hidden, weight, targets, *, temperature=1.0, softcap=None, ig
         torch._assert_async(in_range.all(), "token_logprobs: targets must be in [0, V) or ignore_index")
     logp, entropy, _, _ = torch.ops.sppo_fast.token_logprobs_fwd(
         hidden.contiguous(), weight.contiguous(), targets.contiguous(), float(temperature),
-        None if softcap is None else float(softcap), int(ignore_index), bool(return_entropy), impl,
+        None if softcap is None else float(softcap), int(ignore_index), bool(return_entropy), impl, chunk_bytes,
     )
     return (logp, entropy) if return_entropy else logp
+
+
+def check_mixed_dtypes(impl, hidden, weight):
+    if weight.dtype != hidden.dtype and impl == "triton":
+        raise ValueError(f"impl='triton' needs weight and hidden of one dtype, got {weight.dtype} and {hidden.dtype}; "
+                         "the chunked impls take an fp32 master weight with 16-bit hidden states")
+
+
+def check_triton_available(impl, hidden):
+    if impl in ("triton", "chunked") and not _triton_available_for(hidden):
+        raise ValueError(f"impl={impl!r} needs CUDA tensors (or TRITON_INTERPRET=1 for the CPU interpreter); "
+                         "use impl='torch' or 'auto' on this device")

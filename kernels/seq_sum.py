@@ -215,7 +215,8 @@ def segment_sum(values: torch.Tensor, cu_seqlens: torch.Tensor, *, impl: str = "
 
 def segment_sum_unchecked(values: torch.Tensor, cu_seqlens: torch.Tensor, impl: str) -> torch.Tensor:
     """`segment_sum` without input checks, for callers that validated cu_seqlens once and sum several vectors
-    over it (ppo_loss.py); `impl` must be "triton" or "torch"."""
-    if impl == "triton":
+    over it (ppo_loss.py); `impl` is a resolved one: "triton" and "chunked" (the CUDA default of the other ops)
+    take the Triton kernel, "torch" the torch path."""
+    if impl in ("triton", "chunked"):
         return _segment_sum_triton_op(values, cu_seqlens)
     return _segment_sum_torch(values, cu_seqlens)

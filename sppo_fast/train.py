@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from sppo_fast import checkpoint, data, distributed, memory, rewards
-from sppo_fast.kernels import ppo_clip_loss, ppo_clip_loss_from_logp, token_logprobs
+from sppo_fast.kernels import ppo_clip_loss, token_logprobs
 from sppo_fast.metrics import MetricsLogger
 from sppo_fast.hf import lm_head_params
 from sppo_fast.model import (attention_implementation, check_model_dir, hidden_states, load_critic, load_policy,
@@ -458,18 +458,12 @@ class Stepper:
                 kernel_kw = dict(cu_seqlens=batch.cu_seqlens, clip_low=args.clip_low, clip_high=args.clip_high,
                                  dual_clip=args.dual_clip or None, ratio_level=args.ratio_level,
                                  loss_agg=args.loss_agg, entropy_coef=args.entropy_coef)
-                if scored_logp is None:
-                    # First (only) minibatch: the old policy IS the current one, so old_logp = logp.detach() gives a
-                    # ratio of exactly 1 with no scoring pass. Same kernel, same numbers.
-                    logp, entropy = token_logprobs(h_resp, weight, batch.targets, temperature=args.temperature,
-                                                   softcap=softcap, return_entropy=True, impl=args.kernel_impl,
-                                                   check_values=check_values)
-                    pg_loss, stats = ppo_clip_loss_from_logp(logp, logp.detach(), adv, entropy=entropy, **kernel_kw)
-                else:
-                    old = torch.cat([scored_logp[i] for i in group])
-                    pg_loss, stats = ppo_clip_loss(h_resp, weight, batch.targets, old, adv, temperature=args.temperature,
-                                                   softcap=softcap, impl=args.kernel_impl, check_values=check_values,
-                                                   **kernel_kw)
+                # First (only) minibatch: the old policy IS the current one, so on_policy=True gives a ratio of
+                # exactly 1 with no scoring pass; the fused op computes the gradient in its forward either way.
+                old = None if scored_logp is None else torch.cat([scored_logp[i] for i in group])
+                pg_loss, stats = ppo_clip_loss(h_resp, weight, batch.targets, old, adv, on_policy=old is None,
+                                               temperature=args.temperature, softcap=softcap, impl=args.kernel_impl,
+                                               check_values=check_values, **kernel_kw)
                 # micro-batch losses are means over their own tokens/samples: re-weight to the minibatch's mean
                 tok_w, seq_w = batch.num_resp_tokens / n_tok, len(group) / n_seq
                 w = tok_w if args.loss_agg == "token-mean" else seq_w

@@ -1,10 +1,11 @@
-"""Tests for sppo_fast.kernels.token_logprobs: both impls against an fp64 truth (CCE's rule), Liger as a peer,
-determinism, torch.compile, input checks. Without a GPU the Triton path runs in the interpreter (conftest.py);
-the interpreter's tl.dot is wrong on bf16 operands, so bf16 is covered by the torch impl here and by the GPU tests.
+"""Tests for sppo_fast.kernels.token_logprobs: every impl against an fp64 truth (CCE's rule), Liger as a peer,
+determinism, torch.compile, input checks, and the regressions (ignored rows with huge logits, autocast). Without a
+GPU the Triton kernels run in the interpreter (conftest.py); the interpreter's tl.dot is wrong on bf16 operands, so
+bf16 is covered by the torch impl here (and the chunked impl, whose GEMMs are torch's) and by the GPU tests.
 """
 import pytest
 import torch
-from conftest import assert_error_within
+from conftest import assert_error_within, max_error
 
 from sppo_fast.kernels import logprobs as logprobs_module
 from sppo_fast.kernels import token_logprobs
@@ -74,14 +75,22 @@ def _run_all(fn, leaf_dtype, hidden, weight, grad_logp, grad_entropy, entropy_on
     return [logp, entropy] + grads
 
 
+def _small_chunks(impl, v, rows=8):
+    """A chunk budget of ~`rows` rows for the chunked impls, so that tests cross chunk boundaries."""
+    return None if impl == "triton" else rows * 8 * v
+
+
 def _check_against_truth(impl, n, h, v, dtype, temperature=1.0, softcap=None, entropy_on=True,
-                         grad_hidden=True, grad_weight=True, device=DEVICE):
+                         grad_hidden=True, grad_weight=True, device=DEVICE, chunk_bytes="small"):
     hidden, weight, targets, grad_logp, grad_entropy = _make_inputs(n, h, v, dtype, device)
     args = (hidden, weight, grad_logp, grad_entropy, entropy_on, grad_hidden, grad_weight)
 
+    if chunk_bytes == "small":
+        chunk_bytes = _small_chunks(impl, v)
+
     def ours(x, w):
         out = token_logprobs(x, w, targets, temperature=temperature, softcap=softcap, ignore_index=IGNORE,
-                             return_entropy=entropy_on, impl=impl)
+                             return_entropy=entropy_on, impl=impl, chunk_bytes=chunk_bytes)
         return out if entropy_on else (out, None)
 
     def plain_torch(x, w):
@@ -128,6 +137,7 @@ def test_torch_impl_matches_truth(n, h, v, temperature, softcap, entropy_on, dty
 
 # bf16 is left out on CPU only because the interpreter's tl.dot mishandles bf16 operands.
 TRITON_DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if CUDA else [])
+IMPLS = ["chunked", "torch", "triton"]
 
 
 @pytest.mark.parametrize("dtype", TRITON_DTYPES)
@@ -136,17 +146,99 @@ def test_triton_impl_matches_truth(n, h, v, temperature, softcap, entropy_on, dt
     _check_against_truth("triton", n, h, v, dtype, temperature, softcap, entropy_on)
 
 
-@pytest.mark.parametrize("impl", ["torch", "triton"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("n, h, v, temperature, softcap, entropy_on", CASES)
+def test_chunked_impl_matches_truth(n, h, v, temperature, softcap, entropy_on, dtype):
+    # the Triton row pass is elementwise fp32 (no tl.dot), so bf16 runs in the interpreter too
+    _check_against_truth("chunked", n, h, v, dtype, temperature, softcap, entropy_on)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("grad_hidden, grad_weight", [(True, False), (False, True)], ids=["frozen-W", "const-X"])
 def test_partial_grads(impl, grad_hidden, grad_weight):
     _check_against_truth(impl, 37, 24, 517, torch.float32, 0.8, None, True, grad_hidden, grad_weight)
 
 
-def test_torch_impl_many_chunks(monkeypatch):
-    # A budget of ~5 rows per chunk: chunk boundaries must not change anything.
-    monkeypatch.setattr(logprobs_module, "_TORCH_CHUNK_BYTES", 5 * 4 * 517)
-    assert logprobs_module._torch_chunk_rows(517) == 5
-    _check_against_truth("torch", 37, 24, 517, torch.float32, 0.7, 5.0, True)
+@pytest.mark.parametrize("impl, rows", [("torch", 1), ("torch", 5), ("torch", 64), ("chunked", 5), ("chunked", 64)])
+def test_chunk_size_does_not_matter(impl, rows):
+    """One row per chunk, a chunk that does not divide N, one chunk for everything: same numbers."""
+    _check_against_truth(impl, 37, 24, 517, torch.float32, 0.7, 5.0, True, chunk_bytes=rows * 12 * 517)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_ignored_rows_with_huge_logits_give_exact_finite_grads(impl, dtype):
+    """Regression (found by Liger's FLCE suite): an ignored row whose largest logit exceeds ~88.7 got lse = 0 stored
+    and exp(z - 0) = inf in the backward, 0 * inf = NaN, which spread into dW. The issue's exact repro, plus a
+    temperature of 0.6 (z = logit / 0.6) and logits of 1000."""
+    if impl == "triton" and dtype == torch.bfloat16 and not CUDA:
+        pytest.skip("the interpreter's tl.dot is wrong on bf16")
+    for scale, temperature in ((1.0, 1.0), (1.0, 0.6), (10.0, 1.0)):
+        hidden = torch.tensor([[1.0, 0.0], [0.0, 100.0 * scale]], dtype=torch.float64)
+        weight = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.5, 0.5]], dtype=torch.float64)
+        targets = torch.tensor([0, IGNORE])
+        grads = []
+        for d, fn in ((torch.float64, None), (dtype, impl)):
+            x = hidden.detach().to(d).clone().requires_grad_()
+            w = weight.detach().to(d).clone().requires_grad_()
+            if fn is None:
+                logp, _ = token_logprobs_ref(x, w, targets, temperature, None, IGNORE)
+            else:
+                logp = token_logprobs(x, w, targets, temperature=temperature, impl=fn)
+            logp.sum().backward()
+            grads.append((logp.detach().double(), x.grad.double(), w.grad.double()))
+        for name, ours, truth in zip(["logp", "d_hidden", "d_weight"], grads[1], grads[0]):
+            assert torch.isfinite(ours).all(), f"{impl}/{dtype}/{name}: {ours}"
+            tol = 1e-6 if dtype == torch.float32 else 1e-2
+            assert (ours - truth).abs().max().item() <= tol, f"{impl}/{dtype}/{name}: {ours} vs {truth}"
+        assert grads[1][1][1].abs().max().item() == 0.0  # the ignored row's hidden gets exactly no gradient
+
+
+@pytest.mark.parametrize("impl", ["chunked", "torch"])
+def test_ignored_rows_holding_nan_contribute_nothing(impl):
+    """Padding rows may hold anything (uninitialised states): they are zeroed before every GEMM."""
+    hidden, weight, targets, grad_logp, grad_entropy = _make_inputs(37, 24, 517, torch.float32)
+    garbage = hidden.clone()
+    garbage[targets == IGNORE] = float("nan")
+    garbage[0, 0] = float("inf")
+    outs = []
+    for x in (hidden, garbage):
+        x = x.clone().requires_grad_()
+        w = weight.clone().requires_grad_()
+        logp, entropy = token_logprobs(x, w, targets, return_entropy=True, impl=impl, chunk_bytes=8 * 12 * 517)
+        grads = _backprop(logp, entropy, grad_logp, grad_entropy, [x, w])
+        outs.append([logp, entropy] + grads)
+    for a, b in zip(*outs):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_autocast_does_not_change_the_math(impl):
+    """Regression: under an active autocast the torch path's matmul silently ran in bf16 (logp error 4.8e-2 vs
+    fp64). The ops promise fp32 math: with autocast on, the result is the fp32 one."""
+    hidden, weight, targets, grad_logp, grad_entropy = _make_inputs(37, 64, 517, torch.float32)
+    truth = token_logprobs_ref(hidden.double(), weight.double(), targets, 0.7, None, IGNORE)
+    results = []
+    for enabled in (False, True):
+        x, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+        with torch.autocast(DEVICE, dtype=torch.bfloat16, enabled=enabled):
+            logp, entropy = token_logprobs(x, w, targets, temperature=0.7, return_entropy=True, impl=impl)
+            grads = _backprop(logp, entropy, grad_logp, grad_entropy, [x, w])
+        results.append([logp, entropy] + grads)
+    for name, off, on in zip(["logp", "entropy", "d_hidden", "d_weight"], *results):
+        assert on.dtype == off.dtype
+        torch.testing.assert_close(on, off, atol=1e-6, rtol=1e-6, msg=name)
+    for name, ours, t in zip(["logp", "entropy"], results[1][:2], truth):
+        assert (ours.double() - t).abs().max().item() < 1e-5, name
+
+
+def test_default_impl_is_chunked_on_cuda_and_torch_elsewhere():
+    from sppo_fast.kernels._utils import resolve_impl
+
+    cpu = torch.zeros(1)
+    assert resolve_impl("auto", cpu) == "torch"
+    if CUDA:
+        assert resolve_impl("auto", cpu.cuda()) == "chunked"
 
 
 def test_matches_liger_fused_linear_cross_entropy():
@@ -157,15 +249,16 @@ def test_matches_liger_fused_linear_cross_entropy():
     weight.requires_grad_()
     nll = LigerFusedLinearCrossEntropyLoss(ignore_index=IGNORE, reduction="none")(weight, hidden, targets)
     liger_grads = torch.autograd.grad(nll, [hidden, weight], grad)
-    for impl in ["torch", "triton"]:
-        logp = token_logprobs(hidden, weight, targets, ignore_index=IGNORE, impl=impl)
+    for impl in IMPLS:
+        logp = token_logprobs(hidden, weight, targets, ignore_index=IGNORE, impl=impl,
+                              chunk_bytes=_small_chunks(impl, 517))
         our_grads = torch.autograd.grad(logp, [hidden, weight], -grad)
         torch.testing.assert_close(-logp, nll.float(), atol=1e-5, rtol=1e-5)
         for ours, theirs in zip(our_grads, liger_grads):
             torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("impl", ["torch", "triton"])
+@pytest.mark.parametrize("impl", IMPLS)
 def test_forward_is_deterministic_and_ratio_is_one(impl):
     hidden, weight, targets, _, _ = _make_inputs(37, 24, 517, torch.float32)
     with torch.no_grad():  # old-policy log-probs, as the trainer takes them
@@ -195,7 +288,7 @@ def test_triton_rows_do_not_depend_on_batch_size():
         assert torch.equal(a[offset:], b)
 
 
-@pytest.mark.parametrize("impl", ["torch", "triton"])
+@pytest.mark.parametrize("impl", IMPLS)
 def test_empty_batch(impl):
     hidden = torch.zeros(0, 24, device=DEVICE, requires_grad=True)
     weight = torch.randn(517, 24, device=DEVICE, requires_grad=True)
@@ -266,8 +359,9 @@ def _bad_call(hidden=None, weight=None, targets=None, **kwargs):
     (_bad_call(temperature=0.0), "temperature must be > 0"),
     (_bad_call(softcap=-1.0), "softcap must be None or > 0"),
     (_bad_call(impl="cuda"), "impl must be one of"),
+    (_bad_call(chunk_bytes=0), "chunk_bytes must be None or a positive int"),
 ], ids=["hidden-3d", "weight-H", "weight-empty", "targets-len", "targets-dtype", "hidden-fp64", "weight-dtype",
-        "device", "temperature", "softcap", "impl"])
+        "device", "temperature", "softcap", "impl", "chunk-bytes"])
 def test_bad_inputs_raise(call, match):
     with pytest.raises(ValueError, match=match):
         call()
@@ -287,11 +381,14 @@ def test_out_of_range_targets_raise():
 
 
 @pytest.mark.skipif(not CUDA, reason="needs a GPU")
+@pytest.mark.parametrize("impl", ["chunked", "triton"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("temperature, softcap, entropy_on", [(1.0, None, False), (0.7, 30.0, True)],
                          ids=["plain", "T0.7-cap30-ent"])
-def test_triton_realistic_size_on_gpu(dtype, temperature, softcap, entropy_on):
-    _check_against_truth("triton", 4096, 1024, 32000, dtype, temperature, softcap, entropy_on, device="cuda")
+def test_realistic_size_on_gpu(impl, dtype, temperature, softcap, entropy_on):
+    # chunk_bytes: 64 MiB, several chunks at this size (the default budget would take all rows in one)
+    _check_against_truth(impl, 4096, 1024, 32000, dtype, temperature, softcap, entropy_on, device="cuda",
+                         chunk_bytes=None if impl == "triton" else 64 << 20)
 
 
 @pytest.mark.skipif(not CUDA, reason="needs a GPU")
@@ -320,3 +417,59 @@ def test_triton_does_not_recompile_per_n_or_hyperparameter():
     for n, temperature, softcap in [(999, 1.3, 20.0), (517, 0.6, 50.0)]:
         token_logprobs(hidden[:n], weight, targets[:n], temperature=temperature, softcap=softcap, impl="triton")
     assert n_compiled() == before
+
+
+def _emulate_cuda_16bit_gemms(monkeypatch, addmm_in_place):
+    """Run the chunk loop's CUDA 16-bit branch on CPU: 16-bit operands, fp32 outputs (emulated here by fp32 math on
+    the exactly representable 16-bit values, which is what cuBLAS's fp32 accumulation computes up to summation
+    order), a separate 16-bit dZ buffer written by the Triton row pass, and either dW accumulation path."""
+    from sppo_fast.kernels import chunked
+
+    def mm_f32(a, b, out):
+        result = a.float() @ b.float()
+        return result if out is None else out.copy_(result)
+
+    monkeypatch.setattr(chunked, "_native_16bit", lambda device, what: what == "mm" or addmm_in_place)
+    monkeypatch.setattr(chunked, "_mm_f32", mm_f32)
+    monkeypatch.setattr(chunked, "_addmm_f32_", lambda acc, a, b: acc.add_(a.float() @ b.float()))
+
+
+@pytest.mark.skipif(CUDA, reason="emulates the CUDA branch on CPU")
+@pytest.mark.parametrize("addmm_in_place", [True, False], ids=["addmm-f32", "blocked-dW"])
+def test_chunked_cuda_16bit_branch_emulated(monkeypatch, addmm_in_place):
+    # fp16 only: the interpreter's fp32 -> bf16 cast truncates (measured: half of random values differ from
+    # round-to-nearest-even), where compiled Triton rounds to nearest; that bias, not the kernel, fails bf16 here.
+    dtype = torch.float16
+    _emulate_cuda_16bit_gemms(monkeypatch, addmm_in_place)
+    from sppo_fast.kernels import chunked
+
+    assert chunked._Gemms(torch.zeros(3, 2, dtype=dtype), dtype).dz_dtype == dtype  # the branch under test is taken
+    _check_against_truth("chunked", 37, 24, 517, dtype, 0.7, 5.0, True)
+
+
+@pytest.mark.parametrize("impl", ["torch", "chunked"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_fp32_master_weight_with_16bit_hidden(impl, dtype):
+    """An fp32 weight with 16-bit hidden states (autocast training): the same numbers as passing the weight
+    rounded to 16 bits, except that dW comes back in fp32 (no 16-bit rounding), at least as close to the truth."""
+    hidden, weight, targets, grad_logp, grad_entropy = _make_inputs(37, 24, 517, dtype)
+    master = (weight.float() + 1e-3 * torch.randn(weight.shape, generator=torch.Generator().manual_seed(1)))
+    rounded = master.to(dtype)
+    truth = _run_all(lambda x, w: token_logprobs_ref(x, w, targets, 0.7, None, IGNORE), torch.float64, hidden,
+                     rounded, grad_logp, grad_entropy, True, True, True)
+    kw = dict(temperature=0.7, ignore_index=IGNORE, return_entropy=True, impl=impl,
+              chunk_bytes=_small_chunks(impl, 517))
+    outs = []
+    for w in (master, rounded):
+        x, w = hidden.clone().requires_grad_(), w.clone().requires_grad_()
+        logp, entropy = token_logprobs(x, w, targets, **kw)
+        outs.append([logp, entropy] + _backprop(logp, entropy, grad_logp, grad_entropy, [x, w]))
+    mixed, same = outs
+    assert mixed[3].dtype == torch.float32 and same[3].dtype == dtype and mixed[2].dtype == dtype
+    for a, b in zip(mixed[:3], same[:3]):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
+    err_mixed = max_error(mixed[3], truth[3])
+    assert err_mixed <= max_error(same[3], truth[3]) + 1e-6
+    assert err_mixed <= 1e-5 * max(1.0, truth[3].abs().max().item())  # fp32 accuracy: no 16-bit rounding of dW
+    with pytest.raises(ValueError, match="one dtype"):
+        token_logprobs(hidden, master, targets, impl="triton")

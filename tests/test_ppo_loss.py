@@ -25,6 +25,9 @@ IMPL_DTYPES = [
     pytest.param("triton", torch.float16, marks=_needs_triton, id="triton-fp16"),
     pytest.param("torch", torch.float32, id="torch-fp32"),
     pytest.param("torch", torch.bfloat16, id="torch-bf16"),
+    pytest.param("chunked", torch.float32, marks=_needs_triton, id="chunked-fp32"),
+    # the chunked impl's GEMMs are torch's, its row pass elementwise: bf16 is exact in the interpreter too
+    pytest.param("chunked", torch.bfloat16, marks=_needs_triton, id="chunked-bf16"),
 ]
 if torch.cuda.is_available():
     IMPL_DTYPES.append(pytest.param("triton", torch.bfloat16, id="triton-bf16"))
@@ -141,6 +144,12 @@ def _advantages(per_sequence, seed=0):
     return torch.cat([seq_adv[b].expand(CU[b + 1] - CU[b]) for b in range(len(CU) - 1)]) * scale
 
 
+def _small_chunks(impl, rows=5):
+    """`rows` rows per chunk for the chunked impls (N = 24): chunk boundaries fall inside sequences. Bytes per row:
+    fp32 logits (4 V), plus the torch row pass's exp buffer (4 V); fewer rows with softcap on the torch impl."""
+    return None if impl == "triton" else rows * (4 if impl == "chunked" else 8) * V
+
+
 def _assert_within(name, ours, truth, baseline, dtype):
     """CCE rule via conftest: |ours - truth| <= |plain torch in this dtype - truth| + slack * max |truth|."""
     eps = SLACK[dtype] * max(truth.detach().abs().max().item(), 1.0)
@@ -155,7 +164,8 @@ def _run_both(impl, dtype, per_sequence, **kw):
     cu = torch.tensor(CU, device=DEVICE, dtype=torch.int32)
 
     h, w = hidden.clone().requires_grad_(True), weight.clone().requires_grad_(True)
-    loss, stats = ppo_clip_loss(h, w, targets, old, adv, cu_seqlens=cu, ignore_index=IGNORE, impl=impl, **kw)
+    loss, stats = ppo_clip_loss(h, w, targets, old, adv, cu_seqlens=cu, ignore_index=IGNORE, impl=impl,
+                                chunk_bytes=_small_chunks(impl), **kw)
     loss.backward()
     results = {"loss": [loss], "d_hidden": [h.grad], "d_weight": [w.grad]}
     for compute_dtype in (torch.float64, dtype):
@@ -187,7 +197,10 @@ def test_loss_and_grads_match_torch(impl, dtype, loss_agg, ratio_level, per_sequ
         assert stats[key].item() == pytest.approx(truth_stats[key].item(), abs=1e-6), key
 
 
-@pytest.mark.parametrize("impl,dtype", IMPL_DTYPES[:1] + IMPL_DTYPES[2:3])  # triton-fp32, torch-fp32
+FP32_IMPLS = [p for p in IMPL_DTYPES if p.values[1] == torch.float32]
+
+
+@pytest.mark.parametrize("impl,dtype", FP32_IMPLS)
 def test_options_and_entropy_grad(impl, dtype):
     """temperature, softcap, asymmetric clip, no dual clip, and the entropy bonus's gradient."""
     kw = dict(loss_agg="seq-mean-token-mean", clip_low=0.1, clip_high=0.28, dual_clip=None, temperature=0.7,
@@ -202,7 +215,7 @@ def test_options_and_entropy_grad(impl, dtype):
     _assert_within("d_hidden (no entropy bonus)", *no_bonus["d_hidden"], dtype)
 
 
-@pytest.mark.parametrize("impl,dtype", IMPL_DTYPES[:1] + IMPL_DTYPES[2:3])
+@pytest.mark.parametrize("impl,dtype", FP32_IMPLS)
 def test_stats(impl, dtype):
     results, stats, truth = _run_both(impl, dtype, False, ratio_level="token")
     expected_keys = {"pg_loss", "clipfrac", "dual_clipfrac", "approx_kl", "ratio_mean", "ratio_max", "ratio_min",
@@ -217,20 +230,125 @@ def test_stats(impl, dtype):
     assert stats["pg_loss"].item() == pytest.approx(results["loss"][1].item(), rel=1e-4, abs=1e-6)
 
 
-@pytest.mark.parametrize("impl,dtype", IMPL_DTYPES[:1] + IMPL_DTYPES[2:3])
+@pytest.mark.parametrize("impl,dtype", FP32_IMPLS)
 @pytest.mark.parametrize("ratio_level", ["token", "sequence"])
 def test_ratio_is_exactly_one_on_own_logp(impl, dtype, ratio_level):
     """old_logp from token_logprobs itself (the first-minibatch case): r == 1 bit for bit, nothing clipped, and the
-    loss reduces to -agg(A) with gradient -agg(A * grad logp)."""
+    loss reduces to -agg(A) with gradient -agg(A * grad logp). on_policy=True gives the same without old_logp."""
     hidden, weight, targets = _inputs(dtype)
     cu = torch.tensor(CU, device=DEVICE)
     with torch.no_grad():
         old = token_logprobs(hidden, weight, targets, ignore_index=IGNORE, impl=impl)
-    loss, stats = ppo_clip_loss(hidden, weight, targets, old, _advantages(True), cu_seqlens=cu,
-                                ignore_index=IGNORE, ratio_level=ratio_level, impl=impl)
-    assert stats["ratio_max"].item() == 1.0 and stats["ratio_min"].item() == 1.0
-    assert stats["clipfrac"].item() == 0.0 and stats["dual_clipfrac"].item() == 0.0
-    assert stats["approx_kl"].item() == 0.0
+    results = []
+    for old_logp, on_policy in ((old, False), (None, True)):
+        h, w = hidden.clone().requires_grad_(True), weight.clone().requires_grad_(True)
+        loss, stats = ppo_clip_loss(h, w, targets, old_logp, _advantages(True), cu_seqlens=cu, ignore_index=IGNORE,
+                                    ratio_level=ratio_level, impl=impl, on_policy=on_policy, entropy_coef=0.01)
+        assert stats["ratio_max"].item() == 1.0 and stats["ratio_min"].item() == 1.0
+        assert stats["clipfrac"].item() == 0.0 and stats["dual_clipfrac"].item() == 0.0
+        assert stats["approx_kl"].item() == 0.0
+        loss.backward()
+        results.append((loss, h.grad, w.grad))
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+
+
+def test_on_policy_argument_checks():
+    hidden, weight, targets = _inputs(torch.float32)
+    adv = _advantages(True)
+    cu = torch.tensor(CU)
+    with pytest.raises(ValueError, match="pass old_logp=None"):
+        ppo_clip_loss(hidden, weight, targets, torch.zeros(N), adv, cu_seqlens=cu, on_policy=True)
+    with pytest.raises(ValueError, match="old_logp is None"):
+        ppo_clip_loss(hidden, weight, targets, None, adv, cu_seqlens=cu)
+
+
+class _GemmCounter(torch.utils._python_dispatch.TorchDispatchMode):
+    """Counts matrix products of an [*, V] operand with an [*, H] one (the 2 N H V-flop work)."""
+
+    def __init__(self, vocab, hidden):
+        super().__init__()
+        self.vocab, self.hidden, self.count = vocab, hidden, 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.namespace == "sppo_fast":  # our custom ops: run their Python body under this mode, to count inside
+            from torch._library.custom_ops import _maybe_get_opdef
+
+            with self:
+                return _maybe_get_opdef(func)._init_fn(*args, **(kwargs or {}))
+        if func.overloadpacket in (torch.ops.aten.mm, torch.ops.aten.addmm, torch.ops.aten.addmm_,
+                                   torch.ops.aten.bmm, torch.ops.aten.matmul):
+            mats = [a for a in args if isinstance(a, torch.Tensor) and a.dim() >= 2]
+            if any(self.vocab in m.shape[-2:] for m in mats) and any(self.hidden in m.shape[-2:] for m in mats):
+                self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("impl", ["torch", pytest.param("chunked", marks=_needs_triton)])
+@pytest.mark.parametrize("loss_agg", LOSS_AGGS)
+def test_grads_in_forward_do_three_gemms_per_chunk_and_match_recompute(impl, loss_agg):
+    """Token ratio: 3 V-sized GEMMs per chunk in all (forward + backward), against 4 for the recompute route
+    (token_logprobs + ppo_clip_loss_from_logp); forward-only 1, frozen weight 2. Both routes agree."""
+    hidden, weight, targets = _inputs(torch.float32)
+    old = _old_logp(hidden, weight, targets, "token")
+    adv, cu = _advantages(True), torch.tensor(CU, device=DEVICE)
+    from sppo_fast.kernels.chunked import chunk_rows
+
+    chunk_bytes = _small_chunks(impl)
+    rows = chunk_rows(N, V, torch.float32, hidden.device, chunk_bytes, impl == "chunked", False)
+    chunks = math.ceil(N / rows)
+    assert chunks >= 3
+    kw = dict(cu_seqlens=cu, ignore_index=IGNORE, loss_agg=loss_agg, impl=impl, chunk_bytes=chunk_bytes,
+              entropy_coef=0.02, temperature=0.8)
+
+    def run(fused, grad_weight=True, grad=True):
+        h, w = hidden.clone().requires_grad_(grad), weight.clone().requires_grad_(grad and grad_weight)
+        counter = _GemmCounter(V, H)
+        with counter:
+            if fused:
+                loss, _ = ppo_clip_loss(h, w, targets, old, adv, **kw)
+            else:
+                logp, entropy = token_logprobs(h, w, targets, ignore_index=IGNORE, temperature=0.8, impl=impl,
+                                               chunk_bytes=kw["chunk_bytes"], return_entropy=True)
+                loss, _ = ppo_clip_loss_from_logp(logp, old, adv, targets != IGNORE, cu, entropy=entropy,
+                                                  loss_agg=loss_agg, entropy_coef=0.02, impl="torch")
+            if grad:
+                loss.backward()
+        return counter.count, loss.detach(), h.grad, w.grad
+
+    n_fused, loss_f, dh_f, dw_f = run(True)
+    n_recompute, loss_r, dh_r, dw_r = run(False)
+    assert n_fused == 3 * chunks, n_fused
+    assert n_recompute == 4 * chunks, n_recompute
+    assert run(True, grad=False)[0] == chunks
+    assert run(True, grad_weight=False)[0] == 2 * chunks
+    torch.testing.assert_close(loss_f, loss_r, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(dh_f, dh_r, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(dw_f, dw_r, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("impl", ["torch", pytest.param("chunked", marks=_needs_triton)])
+def test_fused_loss_under_autocast_and_with_huge_ignored_logits(impl):
+    """The two regressions, on the fused route: autocast changes nothing; ignored rows with logits of 1e3 (and NaN
+    hidden states) give the same loss and grads as clean ones."""
+    hidden, weight, targets = _inputs(torch.float32)
+    old = _old_logp(hidden, weight, targets, "token")
+    adv, cu = _advantages(True), torch.tensor(CU, device=DEVICE)
+    dirty = hidden.clone()
+    dirty[targets == IGNORE] = 1e3 * weight[0]
+    dirty[1] = float("nan")
+    results = []
+    for x, autocast in ((hidden, False), (hidden, True), (dirty, False)):
+        h, w = x.clone().requires_grad_(True), weight.clone().requires_grad_(True)
+        with torch.autocast(DEVICE, dtype=torch.bfloat16, enabled=autocast):
+            loss, _ = ppo_clip_loss(h, w, targets, old, adv, cu_seqlens=cu, ignore_index=IGNORE, impl=impl,
+                                    temperature=0.6, entropy_coef=0.01)
+            loss.backward()
+        results.append((loss.detach(), h.grad, w.grad))
+    for other in results[1:]:
+        for a, b in zip(results[0], other):
+            assert torch.isfinite(b).all()
+            torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
 
 
 def test_from_logp_masks_garbage_and_no_cu_seqlens():
@@ -365,3 +483,145 @@ def test_readable_reference_matches_the_op(loss_agg, ratio_level):
     g_ours, = torch.autograd.grad(ours, logp)
     g_ref, = torch.autograd.grad(ref, logp)
     torch.testing.assert_close(g_ours.double(), g_ref, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("impl", ["torch", pytest.param("chunked", marks=_needs_triton),
+                                  pytest.param("triton", marks=_needs_triton)])
+@pytest.mark.parametrize("ratio_level", ["token", "sequence"])
+def test_matches_liger_grpo_loss(impl, ratio_level):
+    """Liger-Kernel's fused-linear GRPO loss as a peer (its own torch code on CPU, not compiled): loss_type "dapo"
+    is our token-mean over all valid tokens; beta=0 (no KL) and no dual clip, which Liger does not have."""
+    from liger_kernel.chunked_loss import LigerFusedLinearGRPOLoss
+
+    b, t = 3, 8
+    g = torch.Generator().manual_seed(5)
+    hidden = torch.randn(b * t, H, generator=g)
+    weight = torch.randn(V, H, generator=g) * (2.0 / math.sqrt(H))
+    targets = torch.randint(0, V, (b * t,), generator=g)
+    mask = torch.ones(b, t, dtype=torch.long)
+    mask[0, 6:] = 0  # right padding
+    mask[2, :3] = 0  # left padding
+    targets[mask.flatten() == 0] = IGNORE
+    advantages = torch.tensor([0.7, -1.1, 0.4])
+    with torch.no_grad():
+        logp = token_logprobs(hidden, weight, targets, temperature=0.7, ignore_index=IGNORE, impl="torch")
+    old = (logp + 0.3 * torch.randn(b * t, generator=g)).detach()
+    cu = torch.arange(0, b * t + 1, t)
+
+    h1, w1 = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    ours, _ = ppo_clip_loss(h1, w1, targets, old, advantages, cu_seqlens=cu, ignore_index=IGNORE, dual_clip=None,
+                            ratio_level=ratio_level, temperature=0.7, impl=impl)
+    ours.backward()
+    liger = LigerFusedLinearGRPOLoss(beta=0.0, compiled=False, use_ref_model=False, loss_type="dapo",
+                                     importance_sampling_level=ratio_level, temperature=0.7, chunk_size=1)
+    h2, w2 = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    out = liger(h2.view(b, t, H), w2, targets.clamp(min=0).view(b, t), mask, advantages,
+                old_per_token_logps=old.view(b, t))
+    theirs = out[0] if isinstance(out, tuple) else out
+    theirs.backward()
+    torch.testing.assert_close(ours, theirs.float(), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(h1.grad, h2.grad, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(w1.grad, w2.grad, atol=1e-5, rtol=1e-4)
+
+
+@_needs_triton
+def test_compile_fullgraph_chunked_on_policy():
+    """The chunked impl's fused op (Triton row pass inside a custom op) and the on-policy mode trace without graph
+    breaks, and a new N reuses the graph."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    torch._dynamo.reset()
+    counter = CompileCounterWithBackend("aot_eager")
+
+    def step(hidden, weight, targets, adv, cu):
+        return ppo_clip_loss(hidden, weight, targets, None, adv, cu_seqlens=cu, on_policy=True, entropy_coef=0.01,
+                             impl="chunked")
+
+    compiled = torch.compile(step, backend=counter, fullgraph=True, dynamic=True)
+    for i, cu in enumerate([CU, [0, 9, 9, 17]]):
+        g = torch.Generator().manual_seed(i)
+        n = cu[-1]
+        hidden = torch.randn(n, H, generator=g).requires_grad_(True)
+        weight = torch.randn(V, H, generator=g).requires_grad_(True)
+        targets = torch.randint(0, V, (n,), generator=g)
+        targets[0] = IGNORE
+        adv = torch.randn(len(cu) - 1, generator=g)
+        loss, stats = compiled(hidden, weight, targets, adv, torch.tensor(cu))
+        loss.backward()
+        h2, w2 = hidden.detach().clone().requires_grad_(True), weight.detach().clone().requires_grad_(True)
+        eager_loss, _ = step(h2, w2, targets, adv, torch.tensor(cu))
+        eager_loss.backward()
+        torch.testing.assert_close(loss, eager_loss)
+        torch.testing.assert_close(hidden.grad, h2.grad)
+        torch.testing.assert_close(weight.grad, w2.grad)
+        assert stats["ratio_max"].item() == 1.0
+        first_frames = counter.frame_count if i == 0 else first_frames
+    assert counter.frame_count == first_frames
+
+
+def test_second_backward_through_fused_loss_raises():
+    """The fused route scales its stored fp32 grads in place (no second V x H buffer): a retained graph cannot be
+    backpropagated twice, and autograd says so instead of scaling twice."""
+    hidden, weight, targets = _inputs(torch.float32)
+    h, w = hidden.clone().requires_grad_(True), weight.clone().requires_grad_(True)
+    loss, _ = ppo_clip_loss(h, w, targets, None, _advantages(True), cu_seqlens=torch.tensor(CU),
+                            ignore_index=IGNORE, on_policy=True, impl="torch")
+    (2 * loss).backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
+
+
+@pytest.mark.skipif(torch.cuda.is_available() or not TRITON_OK, reason="emulates the CUDA branch on CPU")
+@pytest.mark.parametrize("loss_agg", ["token-mean", "seq-mean-token-sum"])
+def test_fused_cuda_16bit_branch_emulated(monkeypatch, loss_agg):
+    """The fused PPO loop's CUDA 16-bit branch (16-bit GEMM operands, fp32 outputs, a separate 16-bit dZ written by
+    the Triton row pass, fp32 dX) run on CPU with the GEMMs emulated in fp32 on the 16-bit values. fp16: the
+    interpreter's bf16 cast truncates (see tests/test_logprobs.py)."""
+    from sppo_fast.kernels import chunked
+
+    def mm_f32(a, b, out):
+        result = a.float() @ b.float()
+        return result if out is None else out.copy_(result)
+
+    monkeypatch.setattr(chunked, "_native_16bit", lambda device, what: True)
+    monkeypatch.setattr(chunked, "_mm_f32", mm_f32)
+    monkeypatch.setattr(chunked, "_addmm_f32_", lambda acc, a, b: acc.add_(a.float() @ b.float()))
+    results, stats, truth_stats = _run_both("chunked", torch.float16, True, loss_agg=loss_agg)
+    for name, (ours, truth, baseline) in results.items():
+        _assert_within(name, ours, truth, baseline, torch.float16)
+    assert stats["clipfrac"] > 0 and stats["dual_clipfrac"] > 0
+
+
+@pytest.mark.parametrize("emulate_cuda", [False, True], ids=["cpu-branch", "cuda-branch-emulated"])
+def test_fused_fp32_master_weight_with_16bit_hidden(monkeypatch, emulate_cuda):
+    """The trainer's autocast case: an fp32 master weight, 16-bit hidden states. The loss and dX equal those with the
+    16-bit-rounded weight; dW is the fp32 accumulator itself (returned as the fp32 gradient, no 16-bit detour)."""
+    if emulate_cuda:
+        if torch.cuda.is_available() or not TRITON_OK:
+            pytest.skip("emulates the CUDA branch on CPU")
+        from sppo_fast.kernels import chunked
+
+        def mm_f32(a, b, out):
+            result = a.float() @ b.float()
+            return result if out is None else out.copy_(result)
+
+        monkeypatch.setattr(chunked, "_native_16bit", lambda device, what: True)
+        monkeypatch.setattr(chunked, "_mm_f32", mm_f32)
+        monkeypatch.setattr(chunked, "_addmm_f32_", lambda acc, a, b: acc.add_(a.float() @ b.float()))
+    impl, dtype = ("chunked", torch.float16) if emulate_cuda else ("torch", torch.bfloat16)
+    hidden, weight, targets = _inputs(dtype)
+    master = weight.float() + 1e-3 * torch.randn(weight.shape, generator=torch.Generator().manual_seed(1))
+    old = _old_logp(hidden, weight, targets, "token")
+    adv, cu = _advantages(True), torch.tensor(CU, device=DEVICE)
+    outs = []
+    for w in (master, master.to(dtype)):
+        h, w = hidden.clone().requires_grad_(True), w.clone().requires_grad_(True)
+        loss, _ = ppo_clip_loss(h, w, targets, old, adv, cu_seqlens=cu, ignore_index=IGNORE, impl=impl,
+                                chunk_bytes=_small_chunks(impl), entropy_coef=0.01)
+        loss.backward()
+        outs.append((loss, h.grad, w.grad))
+    (loss_m, dh_m, dw_m), (loss_r, dh_r, dw_r) = outs
+    assert dw_m.dtype == torch.float32 and dw_r.dtype == dtype
+    torch.testing.assert_close(loss_m, loss_r, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(dh_m, dh_r, atol=0, rtol=0)
+    torch.testing.assert_close(dw_m.to(dtype), dw_r, atol=0, rtol=0)  # the same fp32 sums, rounded once
