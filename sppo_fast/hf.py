@@ -166,7 +166,7 @@ def causal_lm_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Ten
             result; K = completion length scores the right-padded completion that follows a left-padded prompt).
         temperature: the sampling temperature (logits are divided by it).
         return_entropy: also return the entropy of each scored position's distribution (0 elsewhere).
-        impl: the kernel implementation, "auto" | "triton" | "torch".
+        impl: the kernel implementation, "auto" | "chunked" | "triton" | "torch".
         position_ids: [B, L], passed to the backbone (the naive path passes it to the model the same way).
         check_values: the kernel's eager target-range check (a host sync; for debugging).
         **decoder_kwargs: extra keyword arguments for the backbone's forward. Loss arguments (`shift_labels`,

@@ -42,6 +42,8 @@ from pathlib import Path
 
 import torch
 
+from sppo_fast.kernels.chunked import DEFAULT_CHUNK_BYTES
+
 GiB = 1 << 30
 LEVELS = ("fp32", "ckpt", "bf16", "8bit", "offload")
 OPTIMIZERS = {  # plan level -> (optimizer name, weights dtype)
@@ -222,8 +224,8 @@ def estimate(shape: ModelShape, level: str, *, micro_batch_tokens: int, seq_len:
     vh = shape.vocab * shape.hidden
     # fp32 dW accumulator, then its cast to the grad dtype (none for LoRA: the kernel skips dW of a frozen head)
     head_workspace = 0 if lora else vh * 4 + (0 if wb == 4 else vh * wb)
-    if kernel_impl == "torch" or not cuda:  # fp32 head copy + a few fp32 [chunk, V] temporaries (256 MiB cap each)
-        head_workspace += (0 if wb == 4 else vh * 4) + 3 * min(256 << 20, micro_batch_tokens * shape.vocab * 4)
+    if kernel_impl != "triton":  # the chunked impls' (auto's) [C, V] scratch: their chunk budget, or less at small N
+        head_workspace += min(DEFAULT_CHUNK_BYTES["cuda" if cuda else "cpu"], micro_batch_tokens * shape.vocab * 8)
     kv_tok = shape.kv_bytes_per_token(wb)  # generate runs outside autocast: the cache has the weights' dtype
     # DynamicCache grows by concatenation: one layer's old and new tensors coexist for a moment (1 + 1/L)
     kv_cache = math.ceil(gen_batch_size * seq_len * kv_tok * (1 + 1 / shape.layers))

@@ -167,7 +167,8 @@ class Args:
     lora_alpha: int = 16
     """LoRA alpha"""
     kernel_impl: str = "auto"
-    """log-prob kernel: auto (triton on CUDA) | triton | torch"""
+    """log-prob kernel: auto (chunked on CUDA, torch elsewhere) | chunked (vendor GEMM chunks + Triton row pass) |
+    triton (tile-fused) | torch (vendor GEMM chunks + torch row pass); see sppo_fast/kernels"""
     check_inputs_steps: int = 2
     """validate token ids / sequence bounds on the host for the first N steps (later: device-side asserts only)"""
     gen_batch_size: int = 0
@@ -212,7 +213,7 @@ def flag(name: str) -> str:
 
 CHOICES = {"algo": ("sppo", "grpo", "ppo"), "loss_agg": ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum"),
            "ratio_level": ("token", "sequence"), "value_loss": ("bce", "mse"), "value_pooling": ("last", "mean"),
-           "kernel_impl": ("auto", "triton", "torch"), "grad_clip": ("separate", "joint"),
+           "kernel_impl": ("auto", "chunked", "triton", "torch"), "grad_clip": ("separate", "joint"),
            "code_sandbox": ("namespaces", "none"), "rollout_backend": ("auto", *BACKENDS),
            "memory_plan": ("auto", "fp32", "ckpt", "bf16", "8bit", "offload")}
 # Valid ranges in interval notation, exactly as the error messages print them. Fields not listed take any value of
@@ -374,7 +375,11 @@ class Stepper:
         # kernel; the residual stream of fp32 master weights comes out fp32). Differentiable casts: grads reach the
         # fp32 master weight. Without autocast (CPU, or bf16 weights) the wider of the two dtypes.
         dtype = self.compute_dtype or torch.promote_types(h_resp.dtype, weight.dtype)
-        h_resp, weight = h_resp.to(dtype), weight.to(dtype)
+        h_resp = h_resp.to(dtype)
+        # The chunked impls take the fp32 master weight beside 16-bit hidden states (GEMMs on its 16-bit rounding, as
+        # autocast would; dW straight into fp32): no 16-bit copy of the head and no 16-bit grad to cast back.
+        if not (weight.dtype == torch.float32 and self.args.kernel_impl != "triton"):
+            weight = weight.to(dtype)
         v = None
         if self.critic is not None:  # a separate critic LLM: a second forward over the same tokens
             with self.autocast:

@@ -122,7 +122,7 @@ def add_fused_lm_head(model, temperature: float = 1.0, cast_lm_head_to_fp32: boo
             autocast dtype when autocast is on, else in the hidden/weight dtype.
         outputs: per-token fields to compute: "log_probs" (always) and optionally "entropy". TRL's other
             diagnostics ("log_sum_sq_probs", "mean_logits", "is_top1") raise NotImplementedError.
-        impl: the kernel implementation, "auto" (Triton on CUDA, chunked torch elsewhere) | "triton" | "torch".
+        impl: the kernel implementation, "auto" (chunked with the Triton row pass on CUDA, the torch row pass elsewhere) | "chunked" | "triton" | "torch".
     """
     unsupported = set(outputs) - {"log_probs", "entropy"}
     if unsupported:
@@ -224,7 +224,7 @@ def _check_lm_head_without_bias(trainer) -> None:
 class FusedGRPOTrainer(GRPOTrainer):
     """TRL's `GRPOTrainer`, with per-token log-probs and entropies from `sppo_fast.kernels`.
 
-    Same constructor as GRPOTrainer, plus `kernel_impl` ("auto" | "triton" | "torch"). The only change is the
+    Same constructor as GRPOTrainer, plus `kernel_impl` ("auto" | "chunked" | "triton" | "torch"). The only change is the
     models' fused LM head (see the module docstring): losses, metrics and data flow are TRL's.
     """
 
@@ -403,7 +403,7 @@ class SPPOTrainer(FusedGRPOTrainer):
 
     Args: those of GRPOTrainer (with `args` an SPPOConfig), plus
         value_head: a `ValueHead` (or any module [B, H] -> [B] logits) to train; default ValueHead(H, value_init).
-        kernel_impl: the kernel implementation, "auto" | "triton" | "torch".
+        kernel_impl: the kernel implementation, "auto" | "chunked" | "triton" | "torch".
     After training, `trainer.value_head` holds the critic; `save_model` and every checkpoint write it as
     `value_head.safetensors` (read it back with `load_value_head(ValueHead(H), output_dir)`).
     """

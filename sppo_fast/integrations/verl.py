@@ -30,7 +30,7 @@ parallelism) is not supported (NotImplementedError): the kernel needs the full [
 
 Wiring it into a verl run: every Ray worker must call `patch_verl()` before its model's first forward. verl imports
 `actor_rollout_ref.model.external_lib` in each worker, and this module patches on import when the environment
-variable SPPO_FAST_PATCH_VERL is set (to 1, or to the kernel impl: auto | triton | torch):
+variable SPPO_FAST_PATCH_VERL is set (to 1, or to the kernel impl: auto | chunked | triton | torch):
 
     SPPO_FAST_PATCH_VERL=1 python -m verl.trainer.main_ppo ... \\
         actor_rollout_ref.model.use_fused_kernels=True \\
@@ -93,7 +93,7 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: tor
         temperature: a float (or a one-element tensor).
         reduction: "none" -> logprobs [N]; "sum" / "mean" -> a 0-dim sum / mean of the N log-probs.
         dist_process_group: None or a group of size 1.
-        impl: the kernel implementation, "auto" | "triton" | "torch".
+        impl: the kernel implementation, "auto" | "chunked" | "triton" | "torch".
 
     Returns:
         (logprobs, entropy [N]), fp32.
@@ -171,7 +171,7 @@ def patch_verl(impl: str = "auto") -> list[str]:
 
 
 def _patch_from_env() -> None:
-    """SPPO_FAST_PATCH_VERL=1|auto|triton|torch: patch verl on import (how Ray workers get the patch)."""
+    """SPPO_FAST_PATCH_VERL=1|auto|chunked|triton|torch: patch verl on import (how Ray workers get the patch)."""
     value = os.environ.get("SPPO_FAST_PATCH_VERL", "").strip().lower()
     if value in ("", "0", "false", "no"):
         return
