@@ -60,6 +60,9 @@ from pathlib import Path
 from . import synthetic
 
 DEFAULT_STEPS = 225
+# Warm-up steps per horizon (synthetic.HORIZONS), each chosen as for the shipped model: stop while the held-out
+# greedy accuracy is 20-40% so RL has room to improve. Measured values are in the module docstring.
+HORIZON_STEPS = {20: DEFAULT_STEPS, 60: 0, 150: 0}
 DEFAULT_SEED = 0
 N_TRAIN = 20_000
 N_EVAL = 500
@@ -117,7 +120,19 @@ def build_tokenizer(model_max_length: int = MODEL_CONFIG["max_position_embedding
     return tok
 
 
-def build_model(tok, seed: int):
+def max_positions(task: dict | None = None) -> int:
+    """Position budget of the model for a task: the shipped 64 for the default task, else the next power of two
+    above BOS + the longest prompt + the longest solution + EOS (RoPE has no learned positions; this only sizes the
+    config and the tokenizer's model_max_length)."""
+    kw = {**synthetic.DEFAULT_TASK, **(task or {})}
+    if kw == synthetic.DEFAULT_TASK:
+        return MODEL_CONFIG["max_position_embeddings"]
+    prompt = len(str(kw["max_first"])) + (kw["max_terms"] - 1) * (1 + len(str(kw["max_operand"]))) + 1
+    need = 1 + prompt + synthetic.max_solution_chars(**kw) + 1
+    return 1 << (need - 1).bit_length()
+
+
+def build_model(tok, seed: int, task: dict | None = None):
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -126,21 +141,21 @@ def build_model(tok, seed: int):
         bos_token_id=tok.bos_token_id,
         eos_token_id=tok.eos_token_id,
         pad_token_id=tok.pad_token_id,
-        **MODEL_CONFIG,
+        **{**MODEL_CONFIG, "max_position_embeddings": max_positions(task)},
     )
     torch.manual_seed(seed)
     model = LlamaForCausalLM(config)
     return model
 
 
-def _generation_config(tok):
+def _generation_config(tok, task: dict | None = None):
     from transformers import GenerationConfig
 
     return GenerationConfig(
         bos_token_id=tok.bos_token_id,
         eos_token_id=tok.eos_token_id,
         pad_token_id=tok.pad_token_id,
-        max_new_tokens=synthetic.max_solution_chars() + 2,
+        max_new_tokens=synthetic.max_solution_chars(**(task or {})) + 2,
     )
 
 
@@ -168,19 +183,21 @@ def _collate(batch, pad_id: int):
 
 
 @__import__("functools").lru_cache(maxsize=1)
-def _datasets(n_train: int, n_eval: int):
-    return synthetic.train_eval_datasets(n_train, n_eval)
+def _datasets(n_train: int, n_eval: int, task_items: tuple = ()):
+    return synthetic.train_eval_datasets(n_train, n_eval, **dict(task_items))
 
 
-def evaluate(model, tok, problems: list[dict], temperature: float = 0.0, batch_size: int = 256, seed: int = 0):
-    """Accuracy of ``model`` on ``problems``: greedy when ``temperature == 0``, else sampled (seeded)."""
+def evaluate(model, tok, problems: list[dict], temperature: float = 0.0, batch_size: int = 256, seed: int = 0,
+             task: dict | None = None):
+    """Accuracy of ``model`` on ``problems`` (of ``task``: sizes the generation budget): greedy when
+    ``temperature == 0``, else sampled (seeded)."""
     import torch
 
     old_side = tok.padding_side
     tok.padding_side = "left"
     model.eval()
     correct = 0
-    max_new = synthetic.max_solution_chars() + 2
+    max_new = synthetic.max_solution_chars(**(task or {})) + 2
     gen = dict(max_new_tokens=max_new, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
     if temperature > 0:
         gen.update(do_sample=True, temperature=temperature, top_k=None, top_p=None)
@@ -213,19 +230,24 @@ def build(
     log_every: int = 50,
     eval_every: int = 0,
     verbose: bool = True,
+    horizon: int = 20,
 ) -> dict:
-    """Build tokenizer + model, run ``steps`` warm-up steps, evaluate, save to ``out_dir`` (the shipped
-    directory when None). Deterministic for fixed arguments on one machine. Returns a dict of metrics."""
+    """Build tokenizer + model, run ``steps`` warm-up steps on the task of ``horizon`` (``synthetic.HORIZONS``;
+    20 is the default task), evaluate, save to ``out_dir`` (the shipped directory when None; required for another
+    horizon). Deterministic for fixed arguments on one machine. Returns a dict of metrics."""
     import torch
 
+    task = synthetic.task_for_horizon(horizon)
+    if out_dir is None and horizon != 20:
+        raise ValueError("only the horizon-20 model is shipped: give out_dir for another horizon")
     out_dir = Path(out_dir) if out_dir is not None else Path(default_model_path())
     prev_det = torch.are_deterministic_algorithms_enabled()
     torch.use_deterministic_algorithms(True)
     try:
-        tok = build_tokenizer()
-        model = build_model(tok, seed)
+        tok = build_tokenizer(max_positions(task))
+        model = build_model(tok, seed, task)
         n_params = sum(p.numel() for p in model.parameters())
-        train, held = _datasets(n_train, n_eval)
+        train, held = _datasets(n_train, n_eval, tuple(sorted(task.items())))
         encoded = [_encode_example(tok, ex) for ex in train]
         rng = random.Random(seed)
         opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.98), weight_decay=0.01)
@@ -244,26 +266,26 @@ def build(
             if verbose and (step % log_every == 0 or step == steps):
                 print(f"step {step:5d}  loss {loss.item():.4f}  {time.perf_counter() - t0:.1f}s", flush=True)
             if eval_every and step % eval_every == 0 and step != steps:
-                acc = evaluate(model, tok, held)
+                acc = evaluate(model, tok, held, task=task)
                 history.append((step, loss.item(), acc))
                 if verbose:
                     print(f"step {step:5d}  held-out greedy acc {acc:.3f}", flush=True)
                 model.train()
         train_s = time.perf_counter() - t0
         model.eval()
-        metrics = {"steps": steps, "seed": seed, "n_params": n_params, "train_seconds": round(train_s, 1),
+        metrics = {"horizon": horizon, "task": task, "steps": steps, "seed": seed, "n_params": n_params, "train_seconds": round(train_s, 1),
                    "final_loss": float(loss.item()) if steps else None, "history": history}
         if do_eval:
-            metrics["greedy_acc"] = evaluate(model, tok, held)
-            metrics["sampled_acc_t0.6"] = evaluate(model, tok, held, temperature=0.6, seed=seed)
+            metrics["greedy_acc"] = evaluate(model, tok, held, task=task)
+            metrics["sampled_acc_t0.6"] = evaluate(model, tok, held, temperature=0.6, seed=seed, task=task)
             if verbose:
                 print(f"held-out ({len(held)}) greedy acc {metrics['greedy_acc']:.3f}  "
                       f"sampled(T=0.6) acc {metrics['sampled_acc_t0.6']:.3f}", flush=True)
         out_dir.mkdir(parents=True, exist_ok=True)
-        model.generation_config = _generation_config(tok)
+        model.generation_config = _generation_config(tok, task)
         model.save_pretrained(out_dir, safe_serialization=True)
         # save a fresh tokenizer: the one used above carries padding state from batched generation
-        build_tokenizer().save_pretrained(out_dir)
+        build_tokenizer(max_positions(task)).save_pretrained(out_dir)
         _portable_tokenizer_config(out_dir)
         for f in out_dir.iterdir():  # safetensors writes 0600; the shipped files should be world-readable
             if f.is_file():
@@ -285,7 +307,9 @@ def _portable_tokenizer_config(out_dir: Path) -> None:
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description="Build the embedded tiny char-level Llama for the synthetic task.")
     ap.add_argument("--out", default=None, help="output dir (default: the shipped sppo_fast/assets/tiny)")
-    ap.add_argument("--steps", type=int, default=DEFAULT_STEPS)
+    ap.add_argument("--horizon", type=int, default=20, choices=sorted(synthetic.HORIZONS),
+                    help="task: approximate response tokens (20 = the shipped default task; others need --out)")
+    ap.add_argument("--steps", type=int, default=None, help="warm-up steps (default: HORIZON_STEPS[horizon])")
     ap.add_argument("--seed", type=int, default=DEFAULT_SEED)
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--lr", type=float, default=2e-3)
@@ -297,8 +321,11 @@ def main(argv=None) -> None:
         import torch
 
         torch.set_num_threads(args.threads)
-    m = build(args.out, steps=args.steps, seed=args.seed, batch_size=args.batch_size, lr=args.lr,
-              eval_every=args.eval_every, do_eval=not args.no_eval)
+    if args.out is None and args.horizon != 20:
+        ap.error("--horizon other than 20 needs --out (only the horizon-20 model is shipped)")
+    steps = HORIZON_STEPS[args.horizon] if args.steps is None else args.steps
+    m = build(args.out, steps=steps, seed=args.seed, batch_size=args.batch_size, lr=args.lr,
+              eval_every=args.eval_every, do_eval=not args.no_eval, horizon=args.horizon)
     print(json.dumps({k: v for k, v in m.items() if k != "history"}))
 
 
