@@ -646,15 +646,17 @@ def build_horizon_model(horizon: int, cache: str):
     import torch
     from sppo_fast import tiny
 
-    steps = tiny.HORIZON_STEPS[horizon]
-    out = Path(cache or tempfile.gettempdir()) / f"sppo_fast_tiny_h{horizon}_st{steps}_s0"
+    steps, acc = tiny.HORIZON_STEPS[horizon], tiny.STOP_AT_ACC
+    out = Path(cache or tempfile.gettempdir()) / f"sppo_fast_tiny_h{horizon}_max{steps}_stop{acc:g}_s0"
     info = out / "build.json"
     if not info.is_file():
-        print(f"building the horizon-{horizon} tiny model ({steps} warm-up steps, 1 thread) in {out}", flush=True)
+        print(f"building the horizon-{horizon} tiny model (warm-up until greedy accuracy {acc:g} on the stop-check "
+              f"set, at most {steps} steps, 1 thread) in {out}", flush=True)
         n = torch.get_num_threads()
         torch.set_num_threads(1)  # the recipe's thread count: the build is bitwise reproducible per thread count
         try:
-            m = tiny.build(out, steps=steps, seed=0, horizon=horizon, verbose=False)
+            m = tiny.build(out, steps=steps, seed=0, horizon=horizon, verbose=True, log_every=100, do_eval=False,
+                           stop_at_acc=acc)
         finally:
             torch.set_num_threads(n)
         m.pop("history", None)

@@ -9,6 +9,14 @@ Runs go seed-major (every variant's seed 0 first), so a partial run still covers
 appended to the JSONL at once and a rerun with the same --out skips it. Outputs: <out>.jsonl ("env", "run" rows,
 then one "variant" summary row each) and <out>.md (tables).
 
+    python bench/bench_value_head.py --ceiling RUN_DIR --ceiling-k 16   # how high Pearson(V, R) can go at all
+
+Ceiling: no V(prompt) can correlate with a binary R better than the true success probability p(prompt) does, and
+Pearson(p, R) = sqrt(Var p / (m (1 - m))) with m = E[R]. `--ceiling` samples k responses per held-out prompt from a
+run's final checkpoint, estimates Var p without bias (Var(p_hat) - mean(p_hat (1 - p_hat)) / (k - 1)), and reports
+that ceiling beside the run's head: Pearson(V, R) on the same samples and the head's noise-corrected correlation
+with p itself.
+
 Metrics: eval Pearson = Pearson of V(prompt) with the reward of each of the k=4 samples per held-out prompt at the
 final eval (256 prompts, `eval/value_pearson`); train Pearson = mean over the last 10 training steps of Pearson(V, R)
 on the step's 64 rollouts; pass@1 = greedy held-out accuracy, avg@4 = mean sampled accuracy.
@@ -127,6 +135,52 @@ def write_md(path, env, done, summ, variants):
     Path(path).write_text("\n".join(L) + "\n")
 
 
+def ceiling(run_dir: Path, k: int, seed: int = 0) -> dict:
+    """Pearson(V, R) of a run's final head against its oracle ceiling (see the module docstring)."""
+    import torch
+    import yaml
+    from safetensors.torch import load_file
+
+    from sppo_fast import checkpoint, data, rewards
+    from sppo_fast.model import load_policy, load_tokenizer
+    from sppo_fast.rollout import pack
+    from sppo_fast.train import Args, Stepper, pearson, score_rewards, value_of
+    from sppo_fast.value_head import ValueHead
+
+    torch.set_num_threads(1)
+    cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
+    args = Args(**{f: cfg[f] for f in Args.__dataclass_fields__ if f in cfg})
+    ckpt = checkpoint.list_checkpoints(run_dir)[-1]
+    device = torch.device("cpu")
+    policy = load_policy(ckpt / "policy", device=device, attn_implementation="sdpa").eval()
+    tok = load_tokenizer(ckpt / "policy")
+    head = ValueHead(policy.config.hidden_size, norm=args.value_norm, mlp_hidden=args.value_mlp_hidden)
+    head.load_state_dict(load_file(str(ckpt / "value_head.safetensors")))
+    _, eval_rows = data.load_dataset(args.data, eval_fraction=args.eval_size, synthetic_n_eval=args.eval_size,
+                                     seed=args.seed)
+    texts = data.format_prompts(eval_rows, tok, chat_template=False)
+    stepper = Stepper(args, policy, head, None, None, tok, device)
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        samples = stepper.generate(texts, num_samples=k, temperature=args.temperature)
+        R = score_rewards(rewards.get_reward_fn(args.reward), eval_rows, samples, args)
+        firsts = list(range(0, len(samples), k))
+        V = torch.cat([value_of(stepper.forward(pack(samples, firsts[i:i + 64], packed=False,
+                                                     pad_token_id=tok.pad_token_id))[3], args.value_loss)
+                       for i in range(0, len(firsts), 64)])
+    p_hat = R.view(-1, k).double().mean(1)
+    m = R.double().mean().item()
+    var_p = max(0.0, p_hat.var(unbiased=False).item() - (p_hat * (1 - p_hat)).mean().item() / (k - 1))
+    Vd = V.double()
+    cov_vp = ((Vd - Vd.mean()) * (p_hat - p_hat.mean())).mean().item()  # unbiased for cov(V, p): noise is independent
+    return {"kind": "ceiling", "run_dir": str(run_dir), "k": k, "n_prompts": len(eval_rows), "mean_R": m,
+            "var_p": var_p, "ceiling_pearson": math.sqrt(var_p / (m * (1 - m))) if 0 < m < 1 else None,
+            "pearson_V_R": pearson(V.repeat_interleave(k), R),
+            "corr_V_p": cov_vp / math.sqrt(Vd.var(unbiased=False).item() * var_p) if var_p > 0 else None,
+            "frac_prompts_p_hat_0": (p_hat == 0).float().mean().item(),
+            "frac_prompts_p_hat_1": (p_hat == 1).float().mean().item()}
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--variants", default=DEFAULT_VARIANTS, help=f"comma list of {', '.join(VARIANTS)}")
@@ -134,7 +188,16 @@ def main(argv=None):
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--out", default="", help="output prefix (default bench/results/head-cpu-<date>)")
     ap.add_argument("--work-dir", default="", help="run directories (default: a temp dir)")
+    ap.add_argument("--ceiling", default="", help="a finished run dir: its head's Pearson vs the oracle ceiling")
+    ap.add_argument("--ceiling-k", type=int, default=16)
     o = ap.parse_args(argv)
+    if o.ceiling:
+        res = ceiling(Path(o.ceiling), o.ceiling_k)
+        print(json.dumps(res))
+        if o.out:
+            with open(o.out, "a") as fh:
+                fh.write(json.dumps(res) + "\n")
+        return 0
     variants = [v.strip() for v in o.variants.split(",") if v.strip()]
     bad = [v for v in variants if v not in VARIANTS]
     if bad:

@@ -293,3 +293,11 @@ def test_build_other_horizon(tmp_path):
     with pytest.raises(SystemExit):
         tiny.main(["--horizon", "150"])  # only the horizon-20 model is shipped: another needs --out
     assert set(tiny.HORIZON_STEPS) == set(synthetic.HORIZONS) and tiny.HORIZON_STEPS[20] == tiny.DEFAULT_STEPS
+
+
+def test_build_stops_at_accuracy(tmp_path):
+    kw = dict(seed=0, batch_size=4, n_train=32, n_eval=4, do_eval=False, verbose=False, horizon=60, check_n=4)
+    m = tiny.build(tmp_path / "a", steps=5, stop_at_acc=0.0, check_every=2, **kw)  # any accuracy is >= 0
+    assert m["stopped_at"] == m["steps"] == 2 and m["max_steps"] == 5 and len(m["history"]) == 1
+    m = tiny.build(tmp_path / "b", steps=3, stop_at_acc=1.01, check_every=1, **kw)  # never reached: the cap
+    assert m["stopped_at"] is None and m["steps"] == 3 and len(m["history"]) == 3
