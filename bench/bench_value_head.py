@@ -185,6 +185,8 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--variants", default=DEFAULT_VARIANTS, help=f"comma list of {', '.join(VARIANTS)}")
     ap.add_argument("--seeds", default="0,1,2")
+    ap.add_argument("--runs", default="", help="explicit run order, e.g. layer2:1,base:2 (overrides --variants/--seeds "
+                                               "for what runs; the table covers every finished run)")
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--out", default="", help="output prefix (default bench/results/head-cpu-<date>)")
     ap.add_argument("--work-dir", default="", help="run directories (default: a temp dir)")
@@ -228,7 +230,24 @@ def main(argv=None):
                "git_sha": git("rev-parse", "--short", "HEAD"), "git_dirty": bool(status),
                "load_avg_1m": os.getloadavg()[0],
                "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
-    todo = [(v, s) for s in seeds for v in variants if f"{v}__s{s}" not in done]
+    todo = [(v, s) for s in seeds for v in variants]
+    if o.runs:
+        todo = [(r.split(":")[0], int(r.split(":")[1])) for r in o.runs.split(",") if r.strip()]
+        bad = [v for v, _ in todo if v not in VARIANTS]
+        if bad:
+            ap.error(f"unknown variant(s) {bad} in --runs")
+    todo = [(v, s) for v, s in todo if f"{v}__s{s}" not in done]
+    for v, s in list(todo):  # a run that finished while no runner was watching: collect it instead of rerunning
+        key = f"{v}__s{s}"
+        log = work / f"{key}.log"
+        if log.is_file() and "eval at end:" in log.read_text() and (work / key / "metrics.jsonl").is_file():
+            done[key] = collect(key, v, s, work, None)
+            if not jsonl.is_file() or not jsonl.read_text().strip():
+                jsonl.write_text(json.dumps(env) + "\n")
+            with open(jsonl, "a") as fh:
+                fh.write(json.dumps(done[key]) + "\n")
+            todo.remove((v, s))
+            print(f"collected {key} (finished earlier)", flush=True)
     running = {}
     while todo or running:
         while todo and len(running) < o.workers:
