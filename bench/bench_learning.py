@@ -665,51 +665,81 @@ def build_horizon_model(horizon: int, cache: str):
 
 
 def estimate(o, planner, preset, model_path, built, work_dir, prefix) -> int:
-    """The protocol's CPU cost at this horizon, from short timed runs (one per algorithm, seed 0, the middle lr of
-    the sweep, --estimate-steps steps, evals at start and end): per run, steps x the median step time + the number
-    of evals x the time of one eval; summed over the runs the protocol plans (sweep + edge extension + critic lr +
-    seeds). Written to <prefix>.json (and printed); process-seconds with 1 thread each, on this machine's load."""
+    """The protocol's CPU cost at this horizon from short timed runs, without building the horizon's model.
+
+    Cost is a matter of tokens, not of what the tokens say, so every timed run uses fixed-length rollouts
+    (`--min-new-tokens = --max-new-tokens = L`, L = the task's mean response length in tokens, EOS included) on the
+    horizon's prompts with whatever model --model names (default: the embedded one; the architecture is the same at
+    every horizon). Runs, seed 0, --estimate-steps steps each, evals at start and end: SPPO with the protocol's eval
+    (eval_size x (1 + eval_k) generations), GRPO G=8, PPO and SPPO + critic with a 4-prompt eval (their evals cost
+    what SPPO's does). GRPO G=4 is costed with GRPO G=8's step time and PPO lambda=1 with PPO's (same samples and
+    tokens per step, same compute). Per run: startup + steps x median step time + evals x one eval's time, summed
+    over the runs the protocol plans (sweep incl. one edge extension, critic lr, extra seeds). Written to
+    <prefix>.json; process-seconds with 1 thread each at this machine's load (recorded)."""
+    from sppo_fast import synthetic
+
+    rows = synthetic.make_dataset(2000, synthetic.TRAIN_SEED, **o.task)
+    L = round(sum(len(r["solution"]) + 1 for r in rows) / len(rows))
+    small_flags = []
+    if o.data_flags:  # a JSONL task: the small-eval runs need their own 4-prompt eval file (--eval-size is ignored)
+        tr, ev = synthetic.write_jsonl_split(work_dir / "estimate_data_e4", 10_000, 4, **o.task)
+        small_flags = ["--data", tr, "--eval-data", ev, "--reward", "exact"]
     lr_mid = sorted(o.lrs)[len(o.lrs) // 2]
+    timed = [a for a in ("sppo", "grpo8", "ppo", "sppo_critic") if a in o.algos or a == "sppo"]
     specs = []
-    for a in o.algos:
+    for a in timed:
         spec = planner.spec(a, lr_mid, 1.0, o.seeds[0])
-        spec.update(steps=o.estimate_steps, eval_every=0, key=spec["key"] + f"__estimate{o.estimate_steps}")
+        small = a != "sppo"
+        spec.update(steps=o.estimate_steps, eval_every=0, max_new_tokens=L,
+                    eval_size=4 if small else o.eval_size, eval_k=1 if small else o.eval_k,
+                    data_flags=(small_flags if small else o.data_flags) + ["--min-new-tokens", str(L)],
+                    key=f"estimate__{a}__h{o.horizon}_L{L}_st{o.estimate_steps}")
         specs.append(spec)
-    opts = argparse.Namespace(**{**vars(o), "workers": 1})
+    opts = argparse.Namespace(**{**vars(o), "workers": 1, "eval_k": 1})
     done = {}
 
     class Fixed:  # run_all's planner interface over a fixed list of specs
         def plan(self, algo, _done):
             return [s for s in specs if s["algo"] == algo], True
 
+    opts.algos = timed
     failed = run_all(opts, Fixed(), done, work_dir / "estimate.jsonl", work_dir)
     if failed:
         print(f"estimate runs failed: {list(failed)}", file=sys.stderr)
         return 1
+    r_eval = done[specs[0]["key"]]
+    smalls = [done[s["key"]] for s in specs[1:]]
+    startup = _mean([r["wall_s"] - r["final_train_s"] for r in smalls]) if smalls else 0.0  # + 2 tiny evals
+    eval_s = max(0.0, (r_eval["wall_s"] - r_eval["final_train_s"] - startup) / 2)
+    step_s = {s["algo"]: done[s["key"]]["step_s_median"] for s in specs}
+    step_s.setdefault("grpo8", step_s.get("grpo8"))
+    cost_of = {"grpo4": "grpo8", "ppo_l1": "ppo"}
     per_algo, total = {}, 0.0
     n_sweep = len(o.lrs) + (1 if o.extend_edges else 0)  # the edge extension happens when the best is at an edge
-    for s in specs:
-        r = done[s["key"]]
-        a = s["algo"]
-        eval_s = max(0.0, (r["wall_s"] - r["final_train_s"]) / 2)  # 2 evals (start, end); includes startup
+    for a in o.algos:
+        src = cost_of.get(a, a)
+        if step_s.get(src) is None:
+            continue
         steps = o.steps * (o.grpo8_step_mult if a == "grpo8" else 1)
         ee = o.eval_every * (o.grpo8_eval_mult if a == "grpo8" else 1)
         n_evals = (steps // ee if ee else 0) + 1 + (0 if ee and steps % ee == 0 else 1)
-        per_run = steps * r["step_s_median"] + n_evals * eval_s
+        per_run = startup + steps * step_s[src] + n_evals * eval_s
         n_runs = n_sweep + (len([c for c in o.critic_lr_mults if c != 1.0]) if ALGOS[a][3] else 0) + len(o.seeds) - 1
-        per_algo[a] = {"label": ALGOS[a][0], "step_s": r["step_s_median"], "eval_s": eval_s, "steps": steps,
-                       "evals": n_evals, "run_s": per_run, "runs": n_runs, "total_s": per_run * n_runs,
-                       "response_len": r["evals"][-1]["response_len"]}
+        per_algo[a] = {"label": ALGOS[a][0], "step_s": step_s[src], "timed_as": src, "steps": steps,
+                       "evals": n_evals, "run_s": per_run, "runs": n_runs, "total_s": per_run * n_runs}
         total += per_run * n_runs
-    out = {"kind": "estimate", "horizon": o.horizon, "task": o.task, "model_path": model_path, "model_build": built,
-           "env": environment(), "estimate_steps": o.estimate_steps, "per_algo": per_algo,
-           "total_process_s": total, "wall_h_at_workers": total / o.workers / 3600, "workers": o.workers,
+    out = {"kind": "estimate", "horizon": o.horizon, "task": o.task, "fixed_response_tokens": L,
+           "model_path": model_path, "env": environment(), "estimate_steps": o.estimate_steps,
+           "eval_s": eval_s, "startup_s": startup, "per_algo": per_algo, "total_process_s": total,
+           "workers": o.workers, "wall_h_at_workers": total / o.workers / 3600,
+           "timed_runs": [done[s["key"]] for s in specs],
            "settings": {k: v for k, v in vars(o).items() if not k.startswith("_") and k != "task"}}
     path = prefix.with_name(prefix.name + ".json")
     path.write_text(json.dumps(out, indent=1) + "\n")
+    print(f"horizon {o.horizon}, fixed responses of {L} tokens; one eval {eval_s:.0f}s, startup {startup:.0f}s")
     for a, v in per_algo.items():
-        print(f"{v['label']:32s} step {v['step_s']:.2f}s  eval {v['eval_s']:.0f}s  run {v['run_s'] / 60:.1f} min  "
-              f"x{v['runs']} = {v['total_s'] / 3600:.2f} h")
+        print(f"{v['label']:32s} step {v['step_s']:.2f}s  run {v['run_s'] / 60:.1f} min  x{v['runs']} = "
+              f"{v['total_s'] / 3600:.2f} h")
     print(f"horizon {o.horizon}: {total / 3600:.1f} process-hours = {out['wall_h_at_workers']:.1f} h wall at "
           f"{o.workers} workers\nwrote {path}")
     return 0
@@ -743,7 +773,7 @@ def main(argv=None) -> int:
     if o.horizon != 20:
         # the horizon's own warm-started model (built once, deterministically) and its train/eval JSONL
         o.max_new_tokens = o.max_new_tokens or synthetic.max_solution_chars(**o.task) + 2
-        if not o.model:
+        if not o.model and not o.estimate:  # the estimate times fixed-length rollouts: any model of this size
             o.model, built = build_horizon_model(o.horizon, o.model_cache)
         data_dir = Path(o.model_cache or tempfile.gettempdir()) / f"sppo_fast_synthetic_h{o.horizon}_e{o.eval_size}"
         train_path, eval_path = synthetic.write_jsonl_split(data_dir, 10_000, o.eval_size, **o.task)
