@@ -187,6 +187,7 @@ def main(argv=None):
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--runs", default="", help="explicit run order, e.g. layer2:1,base:2 (overrides --variants/--seeds "
                                                "for what runs; the table covers every finished run)")
+    ap.add_argument("--report", action="store_true", help="only rewrite the tables from the finished runs")
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--out", default="", help="output prefix (default bench/results/head-cpu-<date>)")
     ap.add_argument("--work-dir", default="", help="run directories (default: a temp dir)")
@@ -236,7 +237,7 @@ def main(argv=None):
         bad = [v for v, _ in todo if v not in VARIANTS]
         if bad:
             ap.error(f"unknown variant(s) {bad} in --runs")
-    todo = [(v, s) for v, s in todo if f"{v}__s{s}" not in done]
+    todo = [(v, s) for v, s in todo if f"{v}__s{s}" not in done and not o.report]
     for v, s in list(todo):  # a run that finished while no runner was watching: collect it instead of rerunning
         key = f"{v}__s{s}"
         log = work / f"{key}.log"
