@@ -237,7 +237,7 @@ def main(argv=None):
         bad = [v for v, _ in todo if v not in VARIANTS]
         if bad:
             ap.error(f"unknown variant(s) {bad} in --runs")
-    todo = [(v, s) for v, s in todo if f"{v}__s{s}" not in done and not o.report]
+    todo = [(v, s) for v, s in todo if f"{v}__s{s}" not in done]
     for v, s in list(todo):  # a run that finished while no runner was watching: collect it instead of rerunning
         key = f"{v}__s{s}"
         log = work / f"{key}.log"
@@ -249,6 +249,8 @@ def main(argv=None):
                 fh.write(json.dumps(done[key]) + "\n")
             todo.remove((v, s))
             print(f"collected {key} (finished earlier)", flush=True)
+    if o.report:
+        todo = []
     running = {}
     while todo or running:
         while todo and len(running) < o.workers:
