@@ -66,6 +66,7 @@ def collect(key, variant, seed, work, wall):
     rows = read_metrics(work / key)
     evals = [r for r in rows if "eval/pass@1" in r]
     train = [r for r in rows if "value/pearson" in r]
+    steps = [r for r in rows if "stats/advantage_abs" in r]
     last = [r["value/pearson"] for r in train[-10:] if math.isfinite(r["value/pearson"])]
     shutil.rmtree(work / key / "checkpoints", ignore_errors=True)
     fin = evals[-1]
@@ -75,6 +76,8 @@ def collect(key, variant, seed, work, wall):
             "train_pearson_last10": sum(last) / len(last) if last else None,
             "evals": [{"step": r["step"], "pass1": r["eval/pass@1"], "avg4": r["eval/avg@4"],
                        "pearson": r.get("eval/value_pearson")} for r in evals],
+            "adv_abs_mean": sum(r["stats/advantage_abs"] for r in steps) / len(steps),
+            "train_reward_mean": sum(r["reward/mean"] for r in steps) / len(steps),
             "train_s": fin["time/train_s"], "wall_s": wall}
 
 
@@ -95,8 +98,8 @@ def summarize(done, variants):
             continue
         s = {"kind": "variant", "variant": v, "what": VARIANTS[v][0], "flags": VARIANTS[v][1],
              "seeds": sorted(r["seed"] for r in rows)}
-        for k in ("pass1", "avg4", "eval_pearson", "train_pearson_last10"):
-            s[k], s[k + "_sd"] = _ms([r[k] for r in rows])
+        for k in ("pass1", "avg4", "eval_pearson", "train_pearson_last10", "adv_abs_mean", "train_reward_mean"):
+            s[k], s[k + "_sd"] = _ms([r.get(k) for r in rows])
         out.append(s)
     return out
 
@@ -114,7 +117,7 @@ def write_md(path, env, done, summ, variants):
          "training steps' Pearson(V, R) over 64 rollouts each. Δ columns: the variant minus the default head on the "
          "same seeds (paired).\n",
          "| variant | what | seeds | pass@1 % | avg@4 % | eval Pearson | train Pearson | Δ pass@1 (paired) | "
-         "Δ eval Pearson (paired) |", "|---|---|---|---|---|---|---|---|---|"]
+         "Δ eval Pearson (paired) | mean abs(A) (train) | train reward |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for s in summ:
         rows = [r for r in done.values() if r["variant"] == s["variant"] and r["seed"] in base]
         dp = _ms([r["pass1"] - base[r["seed"]]["pass1"] for r in rows])[0] if rows else None
@@ -125,7 +128,8 @@ def write_md(path, env, done, summ, variants):
                  f"{f(s['eval_pearson'], 1, 3)} ± {f(s['eval_pearson_sd'], 1, 3)} | "
                  f"{f(s['train_pearson_last10'], 1, 3)} ± {f(s['train_pearson_last10_sd'], 1, 3)} | "
                  f"{'-' if dp is None or s['variant'] == 'base' else f'{100 * dp:+.1f}'} | "
-                 f"{'-' if de is None or s['variant'] == 'base' else f'{de:+.3f}'} |")
+                 f"{'-' if de is None or s['variant'] == 'base' else f'{de:+.3f}'} | "
+                 f"{f(s.get('adv_abs_mean'), 1, 3)} | {f(s.get('train_reward_mean'), 1, 3)} |")
     L += ["", "## Every run\n", "| run | pass@1 start→end % | avg@4 % | eval Pearson | train Pearson | train s |",
           "|---|---|---|---|---|---|"]
     for r in sorted(done.values(), key=lambda r: (variants.index(r["variant"]) if r["variant"] in variants else 99,
@@ -251,6 +255,9 @@ def main(argv=None):
             print(f"collected {key} (finished earlier)", flush=True)
     if o.report:
         todo = []
+        for key, row in list(done.items()):  # refresh derived columns from run dirs still on disk
+            if "adv_abs_mean" not in row and (work / key / "metrics.jsonl").is_file():
+                done[key] = collect(key, row["variant"], row["seed"], work, row.get("wall_s"))
     running = {}
     while todo or running:
         while todo and len(running) < o.workers:
