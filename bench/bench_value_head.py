@@ -43,6 +43,7 @@ VARIANTS = {  # name: (what it changes, trainer flags)
     "mlp64": ("MLP head: Linear(128, 64) -> GELU -> Linear(64, 1)", ["--value-mlp-hidden", "64"]),
     "layer2": ("output of decoder layer 2 of 4 (pre-final-norm residual)", ["--value-layer", "1"]),
     "layer2_ln": ("layer 2 of 4, LayerNorm", ["--value-layer", "1", "--value-norm", "layernorm"]),
+    "layer1_ln": ("layer 1 of 4, LayerNorm", ["--value-layer", "0", "--value-norm", "layernorm"]),
     "vlr3e-3": ("value lr 3e-3", ["--value-lr", "0.003"]),
     "vlr3e-2": ("value lr 3e-2", ["--value-lr", "0.03"]),
     "vlr1e-1": ("value lr 1e-1", ["--value-lr", "0.1"]),
