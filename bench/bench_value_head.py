@@ -48,7 +48,7 @@ VARIANTS = {  # name: (what it changes, trainer flags)
     "vlr3e-2": ("value lr 3e-2", ["--value-lr", "0.03"]),
     "vlr1e-1": ("value lr 1e-1", ["--value-lr", "0.1"]),
 }
-DEFAULT_VARIANTS = "base,layernorm,mean,mlp64,layer2,vlr3e-3,vlr3e-2"
+DEFAULT_VARIANTS = "base,layernorm,mean,mlp64,layer2,layer2_ln,layer1_ln,vlr3e-3,vlr3e-2"
 
 
 def run_one(key, flags, seed, work):
