@@ -4,6 +4,14 @@ tiny model and the synthetic addition-chain task. Held-out accuracy against samp
     python bench/bench_learning.py                  # the full CPU run (~30-40 min on 2 cores), resumable
     python bench/bench_learning.py --quick          # CI smoke test (< 60 s): 1 seed, 2 steps, 2 algorithms, temp dir
     python bench/bench_learning.py --algos sppo,grpo8 --seeds 0,1,2 --lr-mults 0.3,1,3
+    python bench/bench_learning.py --horizon 150    # the same protocol on ~150-token responses (issue 14)
+    python bench/bench_learning.py --horizon 60 --estimate   # its CPU cost: a few timed steps per algorithm
+
+Horizon (`--horizon 20|60|150`, `synthetic.HORIZONS`): the same addition-chain family with longer chains, so
+responses average ~19, ~61 or ~153 tokens. 20 is the embedded model and `--data synthetic` (the default). 60 and 150
+train a tiny model for that task first (`sppo_fast.tiny.build(horizon=H)`, HORIZON_STEPS warm-up steps, seed 0;
+deterministic on one machine and thread count, cached under --model-cache) and write the task's train/eval sets as
+JSONL (`synthetic.write_jsonl_split`); max_new_tokens is the task's longest solution + 2 unless given.
 
 Protocol (identical for every algorithm):
   * equal samples per step: SPPO/PPO `batch` prompts x 1; GRPO-G `batch/G` prompts x G (the demo preset's batch 64);
@@ -43,10 +51,11 @@ ALGOS = {  # key: (label, trainer flags, group size (samples per prompt), uses a
     "sppo": ("SPPO (shared head)", ["--algo", "sppo"], 1, False),
     "grpo4": ("GRPO G=4", ["--algo", "grpo", "--group-size", "4"], 4, False),
     "grpo8": ("GRPO G=8", ["--algo", "grpo", "--group-size", "8"], 8, False),
-    "ppo": ("PPO (critic LLM, GAE)", ["--algo", "ppo"], 1, True),
+    "ppo": ("PPO (critic LLM, GAE λ=0.95)", ["--algo", "ppo", "--gae-lambda", "0.95"], 1, True),
+    "ppo_l1": ("PPO (critic LLM, GAE λ=1)", ["--algo", "ppo", "--gae-lambda", "1.0"], 1, True),
     "sppo_critic": ("SPPO (separate critic)", ["--algo", "sppo"], 1, True),
 }
-DEFAULT_ALGOS = "sppo,grpo4,grpo8,ppo,sppo_critic"
+DEFAULT_ALGOS = "sppo,grpo4,grpo8,ppo,ppo_l1,sppo_critic"
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -91,7 +100,7 @@ def run_flags(spec: dict) -> list:
         flags += ["--model", spec["model"]]
     if spec["algo"] == "sppo_critic":
         flags += ["--critic", spec["model_path"]]
-    return flags
+    return flags + list(spec.get("data_flags") or [])
 
 
 def worker(spec_path: str) -> int:
@@ -172,12 +181,14 @@ class Planner:
         critic = ALGOS[algo][3]
         value_lr = lr * critic_mult if critic else p["value_lr"]
         key = (f"{algo}__lr{lr:.3g}" + (f"_clr{value_lr:.3g}" if critic else "") +
-               f"__s{seed}__st{steps}_b{o.batch}_m{o.max_new_tokens}_e{o.eval_size}x{o.eval_k}_ee{eval_every}")
+               f"__s{seed}__st{steps}_b{o.batch}_m{o.max_new_tokens}_e{o.eval_size}x{o.eval_k}_ee{eval_every}" +
+               (f"_h{o.horizon}" if o.horizon != 20 else ""))
         return {"key": key, "algo": algo, "label": ALGOS[algo][0], "group_size": ALGOS[algo][2],
                 "lr_mult": lr / p["lr"], "critic_lr_mult": critic_mult if critic else None, "lr": lr, "value_lr": value_lr,
                 "seed": seed, "steps": steps, "batch": o.batch, "max_new_tokens": o.max_new_tokens or p["max_new_tokens"],
                 "eval_every": eval_every, "eval_size": o.eval_size, "eval_k": o.eval_k,
-                "micro_batch_tokens": p["micro_batch_tokens"], "model": o.model, "model_path": self.model_path}
+                "micro_batch_tokens": p["micro_batch_tokens"], "model": o.model, "model_path": self.model_path,
+                "horizon": o.horizon, "data_flags": o.data_flags}
 
     def plan(self, algo, done):
         """(specs needed so far, finished?) given `done` (key -> run row)."""
@@ -347,10 +358,10 @@ def summarize(opts, planner, done):
             verdict[f"sppo_tokens_to_threshold_{y}"] = t
             verdict[f"sppo_token_fraction_{y}"] = t / g["final_tokens"] if t is not None else None
             verdict[f"met_{y}"] = t is not None and t <= g["final_tokens"] / 4
-        if "ppo" in summ:
-            p = summ["ppo"]
-            for y in ("pass1", "avgk"):
-                verdict[f"beats_ppo_{y}"] = s[f"final_{y}"] > p[f"final_{y}"]
+        for ppo in ("ppo", "ppo_l1"):
+            if ppo in summ:
+                for y in ("pass1", "avgk"):
+                    verdict[f"beats_{ppo}_{y}"] = s[f"final_{y}"] > summ[ppo][f"final_{y}"]
     return summ, verdict, best
 
 
@@ -378,7 +389,8 @@ def write_markdown(path, opts, env, preset, done, summ, verdict, png_name, faile
              f"git {env['git_sha']}{' (dirty tree)' if env['git_dirty'] else ''}. {len(done)} runs, {opts.workers} at a "
              f"time, 1 torch thread each; the full run took {total_wall / 60:.1f} min of wall-clock "
              f"({len(env['wall_s_invocations'])} invocation(s) of the resumable script).\n")
-    L.append(f"Task: embedded tiny model ({opts.model or 'sppo_fast/assets/tiny'}), synthetic addition chains, "
+    L.append(f"Task: horizon {opts.horizon} (responses of ~{opts.horizon} tokens), tiny model "
+             f"({opts.model or 'sppo_fast/assets/tiny'}), synthetic addition chains {opts.task}, "
              f"held-out set of {opts.eval_size} prompts. Every algorithm samples {opts.batch} responses per step; "
              f"{opts.steps} steps (GRPO G=8: {opts.steps * opts.grpo8_step_mult}); max {opts.max_new_tokens or preset['max_new_tokens']} "
              f"new tokens, temperature 0.6. pass@1 = greedy accuracy, avg@{k} = mean accuracy of {k} samples per "
@@ -448,9 +460,12 @@ def write_markdown(path, opts, env, preset, done, summ, verdict, png_name, faile
                              f"({100 * gain:+.1f} points)" + (": still improving, so its final accuracy is a lower "
                                                               "bound of its plateau." if gain > opts.margin else
                                                               ": about flat."))
-        if "beats_ppo_pass1" in verdict:
-            L.append(f"- vs PPO (final, mean over seeds): pass@1 {'beats' if verdict['beats_ppo_pass1'] else 'does not beat'} PPO, "
-                     f"avg@{k} {'beats' if verdict['beats_ppo_avgk'] else 'does not beat'} PPO.")
+        for ppo in ("ppo", "ppo_l1"):
+            if f"beats_{ppo}_pass1" in verdict:
+                name = summ[ppo]["label"]
+                L.append(f"- vs {name} (final, mean over seeds): pass@1 "
+                         f"{'beats' if verdict[f'beats_{ppo}_pass1'] else 'does not beat'} it, avg@{k} "
+                         f"{'beats' if verdict[f'beats_{ppo}_avgk'] else 'does not beat'} it.")
         L.append("")
     L.append("## Learning-rate sweep (seed %d, final eval)\n" % opts.seeds[0])
     L.append(f"| algorithm | lr | critic lr | pass@1 % | avg@{k} % | score | train s |")
@@ -481,7 +496,7 @@ def plot(path, opts, summ, best, done):
 
     k = opts.eval_k
     fig, axes = plt.subplots(2, 3, figsize=(16, 8.5))
-    colors = {"sppo": "C0", "grpo4": "C1", "grpo8": "C2", "ppo": "C3", "sppo_critic": "C4"}
+    colors = {"sppo": "C0", "grpo4": "C1", "grpo8": "C2", "ppo": "C3", "sppo_critic": "C4", "ppo_l1": "C5"}
     for i, (y, yname) in enumerate((("pass1", "greedy pass@1"), ("avgk", f"avg@{k}"))):
         for j, (x, xname) in enumerate((("tokens", "sampled tokens"), ("train_s", "training seconds (eval excluded)"))):
             ax = axes[i, j]
@@ -527,6 +542,39 @@ def plot(path, opts, summ, best, done):
     plt.close(fig)
 
 
+def plot_horizons(jsonl_paths, path) -> None:
+    """One PNG over horizons: per finished benchmark JSONL (one per --horizon), greedy pass@1 and avg@k against
+    sampled tokens for each algorithm's chosen configuration (seed mean, band = min..max over seeds)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    colors = {"sppo": "C0", "grpo4": "C1", "grpo8": "C2", "ppo": "C3", "sppo_critic": "C4", "ppo_l1": "C5"}
+    files = [Path(p) for p in jsonl_paths]
+    fig, axes = plt.subplots(2, len(files), figsize=(5.5 * len(files), 8), squeeze=False)
+    for j, f in enumerate(files):
+        rows = [json.loads(line) for line in f.read_text().splitlines() if line.strip()]
+        env = next((r for r in rows if r["kind"] == "env"), {})
+        runs = {r["key"]: r for r in rows if r["kind"] == "run"}
+        k = (env.get("settings") or {}).get("eval_k", 4)
+        for i, (y, yname) in enumerate((("pass1", "greedy pass@1"), ("avgk", f"avg@{k}"))):
+            ax = axes[i, j]
+            for s in (r for r in rows if r["kind"] == "summary"):
+                c = mean_curve([runs[key] for key in s["runs"]], "tokens", y)
+                xs = [q[0] for q in c]
+                ax.plot(xs, [q[1] for q in c], color=colors.get(s["algo"]), marker="o", markersize=3,
+                        label=f"{s['label']} (n={len(s['runs'])})")
+                ax.fill_between(xs, [q[2] for q in c], [q[3] for q in c], color=colors.get(s["algo"]), alpha=0.15)
+            ax.set_title(f"horizon {env.get('horizon', 20)} ({f.name})", fontsize=9)
+            ax.set_xlabel("sampled tokens")
+            ax.set_ylabel(yname)
+            ax.grid(alpha=0.3)
+        axes[0, j].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 def parse(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
@@ -559,6 +607,15 @@ def parse(argv=None):
     ap.add_argument("--out", default="", help="output prefix (default bench/results/learning-cpu-<date>; "
                                               "--quick: a temp dir)")
     ap.add_argument("--work-dir", default="", help="run directories and logs (default: a dir beside the temp dir)")
+    ap.add_argument("--horizon", type=int, default=20, choices=(20, 60, 150),
+                    help="task horizon: approximate response tokens (synthetic.HORIZONS); 60/150 build their model")
+    ap.add_argument("--model-cache", default="", help="where --horizon 60/150 models are built (default: a temp "
+                                                      "dir); a model built with the same steps/seed is reused")
+    ap.add_argument("--estimate", action="store_true", help="only measure the protocol's CPU cost at this horizon: "
+                                                            "--estimate-steps steps + 2 evals per algorithm, seed 0")
+    ap.add_argument("--estimate-steps", type=int, default=4)
+    ap.add_argument("--plot-horizons", default="", help="comma list of finished benchmark JSONLs (one per horizon): "
+                                                        "draw accuracy vs sampled tokens per horizon to --out .png")
     ap.add_argument("--_worker", default=None, help=argparse.SUPPRESS)
     o = ap.parse_args(argv)
     if o.quick:
@@ -577,13 +634,126 @@ def parse(argv=None):
     o.lrs = [float(m) for m in str(o.lrs).split(",")]
     o.lr_mults = [float(m) for m in str(o.lr_mults).split(",")] if o.lr_mults else []
     o.critic_lr_mults = [float(m) for m in str(o.critic_lr_mults).split(",")]
+    if o.quick and o.horizon != 20:
+        ap.error("--quick runs the embedded model (horizon 20)")
+    o.data_flags = []
     return o
+
+
+def build_horizon_model(horizon: int, cache: str):
+    """(path, build metrics) of the tiny model warmed up on the horizon's task: built on first use, then reused
+    (the directory name holds the warm-up steps and seed, so a changed recipe builds anew)."""
+    import torch
+    from sppo_fast import tiny
+
+    steps, acc = tiny.HORIZON_STEPS[horizon], tiny.STOP_AT_ACC
+    out = Path(cache or tempfile.gettempdir()) / f"sppo_fast_tiny_h{horizon}_max{steps}_stop{acc:g}_s0"
+    info = out / "build.json"
+    if not info.is_file():
+        print(f"building the horizon-{horizon} tiny model (warm-up until greedy accuracy {acc:g} on the stop-check "
+              f"set, at most {steps} steps, 1 thread) in {out}", flush=True)
+        n = torch.get_num_threads()
+        torch.set_num_threads(1)  # the recipe's thread count: the build is bitwise reproducible per thread count
+        try:
+            m = tiny.build(out, steps=steps, seed=0, horizon=horizon, verbose=True, log_every=100, do_eval=False,
+                           stop_at_acc=acc)
+        finally:
+            torch.set_num_threads(n)
+        m.pop("history", None)
+        info.write_text(json.dumps(m))
+    return str(out.resolve()), json.loads(info.read_text())
+
+
+def estimate(o, planner, preset, model_path, built, work_dir, prefix) -> int:
+    """The protocol's CPU cost at this horizon from short timed runs, without building the horizon's model.
+
+    Cost is a matter of tokens, not of what the tokens say, so every timed run uses fixed-length rollouts
+    (`--min-new-tokens = --max-new-tokens = L`, L = the task's mean response length in tokens, EOS included) on the
+    horizon's prompts with whatever model --model names (default: the embedded one; the architecture is the same at
+    every horizon). Runs, seed 0, --estimate-steps steps each, evals at start and end: SPPO with the protocol's eval
+    (eval_size x (1 + eval_k) generations), GRPO G=8, PPO and SPPO + critic with a 4-prompt eval (their evals cost
+    what SPPO's does). GRPO G=4 is costed with GRPO G=8's step time and PPO lambda=1 with PPO's (same samples and
+    tokens per step, same compute). Per run: startup + steps x median step time + evals x one eval's time, summed
+    over the runs the protocol plans (sweep incl. one edge extension, critic lr, extra seeds). Written to
+    <prefix>.json; process-seconds with 1 thread each at this machine's load (recorded)."""
+    from sppo_fast import synthetic
+
+    rows = synthetic.make_dataset(2000, synthetic.TRAIN_SEED, **o.task)
+    L = round(sum(len(r["solution"]) + 1 for r in rows) / len(rows))
+    small_flags = []
+    if o.data_flags:  # a JSONL task: the small-eval runs need their own 4-prompt eval file (--eval-size is ignored)
+        tr, ev = synthetic.write_jsonl_split(work_dir / "estimate_data_e4", 10_000, 4, **o.task)
+        small_flags = ["--data", tr, "--eval-data", ev, "--reward", "exact"]
+    lr_mid = sorted(o.lrs)[len(o.lrs) // 2]
+    timed = [a for a in ("sppo", "grpo8", "ppo", "sppo_critic") if a in o.algos or a == "sppo"]
+    specs = []
+    for a in timed:
+        spec = planner.spec(a, lr_mid, 1.0, o.seeds[0])
+        small = a != "sppo"
+        spec.update(steps=o.estimate_steps, eval_every=0, max_new_tokens=L,
+                    eval_size=4 if small else o.eval_size, eval_k=1 if small else o.eval_k,
+                    data_flags=(small_flags if small else o.data_flags) + ["--min-new-tokens", str(L)],
+                    key=f"estimate__{a}__h{o.horizon}_L{L}_st{o.estimate_steps}")
+        specs.append(spec)
+    opts = argparse.Namespace(**{**vars(o), "workers": 1, "eval_k": 1})
+    done = {}
+
+    class Fixed:  # run_all's planner interface over a fixed list of specs
+        def plan(self, algo, _done):
+            return [s for s in specs if s["algo"] == algo], True
+
+    opts.algos = timed
+    failed = run_all(opts, Fixed(), done, work_dir / "estimate.jsonl", work_dir)
+    if failed:
+        print(f"estimate runs failed: {list(failed)}", file=sys.stderr)
+        return 1
+    r_eval = done[specs[0]["key"]]
+    smalls = [done[s["key"]] for s in specs[1:]]
+    startup = _mean([r["wall_s"] - r["final_train_s"] for r in smalls]) if smalls else 0.0  # + 2 tiny evals
+    eval_s = max(0.0, (r_eval["wall_s"] - r_eval["final_train_s"] - startup) / 2)
+    step_s = {s["algo"]: done[s["key"]]["step_s_median"] for s in specs}
+    step_s.setdefault("grpo8", step_s.get("grpo8"))
+    cost_of = {"grpo4": "grpo8", "ppo_l1": "ppo"}
+    per_algo, total = {}, 0.0
+    n_sweep = len(o.lrs) + (1 if o.extend_edges else 0)  # the edge extension happens when the best is at an edge
+    for a in o.algos:
+        src = cost_of.get(a, a)
+        if step_s.get(src) is None:
+            continue
+        steps = o.steps * (o.grpo8_step_mult if a == "grpo8" else 1)
+        ee = o.eval_every * (o.grpo8_eval_mult if a == "grpo8" else 1)
+        n_evals = (steps // ee if ee else 0) + 1 + (0 if ee and steps % ee == 0 else 1)
+        per_run = startup + steps * step_s[src] + n_evals * eval_s
+        n_runs = n_sweep + (len([c for c in o.critic_lr_mults if c != 1.0]) if ALGOS[a][3] else 0) + len(o.seeds) - 1
+        per_algo[a] = {"label": ALGOS[a][0], "step_s": step_s[src], "timed_as": src, "steps": steps,
+                       "evals": n_evals, "run_s": per_run, "runs": n_runs, "total_s": per_run * n_runs}
+        total += per_run * n_runs
+    out = {"kind": "estimate", "horizon": o.horizon, "task": o.task, "fixed_response_tokens": L,
+           "model_path": model_path, "env": environment(), "estimate_steps": o.estimate_steps,
+           "eval_s": eval_s, "startup_s": startup, "per_algo": per_algo, "total_process_s": total,
+           "workers": o.workers, "wall_h_at_workers": total / o.workers / 3600,
+           "timed_runs": [done[s["key"]] for s in specs],
+           "settings": {k: v for k, v in vars(o).items() if not k.startswith("_") and k != "task"}}
+    path = prefix.with_name(prefix.name + ".json")
+    path.write_text(json.dumps(out, indent=1) + "\n")
+    print(f"horizon {o.horizon}, fixed responses of {L} tokens; one eval {eval_s:.0f}s, startup {startup:.0f}s")
+    for a, v in per_algo.items():
+        print(f"{v['label']:32s} step {v['step_s']:.2f}s  run {v['run_s'] / 60:.1f} min  x{v['runs']} = "
+              f"{v['total_s'] / 3600:.2f} h")
+    print(f"horizon {o.horizon}: {total / 3600:.1f} process-hours = {out['wall_h_at_workers']:.1f} h wall at "
+          f"{o.workers} workers\nwrote {path}")
+    return 0
 
 
 def main(argv=None) -> int:
     o = parse(argv)
     if o._worker:
         return worker(o._worker)
+    if o.plot_horizons:
+        out = Path(o.out or RESULTS / f"horizon-cpu-{datetime.date.today().isoformat()}").with_suffix(".png")
+        plot_horizons(o.plot_horizons.split(","), out)
+        print(f"wrote {out}")
+        return 0
     from sppo_fast.cli import PRESETS, load_yaml
     from sppo_fast.tiny import default_model_path
     from sppo_fast.train import Args
@@ -596,6 +766,18 @@ def main(argv=None) -> int:
     o.batch = o.batch or preset["batch_size"]
     o.eval_size = o.eval_size or preset["eval_size"]
     o.eval_k = o.eval_k or preset["eval_k"]
+    from sppo_fast import synthetic
+
+    o.task = synthetic.task_for_horizon(o.horizon)
+    built = None
+    if o.horizon != 20:
+        # the horizon's own warm-started model (built once, deterministically) and its train/eval JSONL
+        o.max_new_tokens = o.max_new_tokens or synthetic.max_solution_chars(**o.task) + 2
+        if not o.model and not o.estimate:  # the estimate times fixed-length rollouts: any model of this size
+            o.model, built = build_horizon_model(o.horizon, o.model_cache)
+        data_dir = Path(o.model_cache or tempfile.gettempdir()) / f"sppo_fast_synthetic_h{o.horizon}_e{o.eval_size}"
+        train_path, eval_path = synthetic.write_jsonl_split(data_dir, 10_000, o.eval_size, **o.task)
+        o.data_flags = ["--data", train_path, "--eval-data", eval_path, "--reward", "exact"]
     o.max_new_tokens = o.max_new_tokens or preset["max_new_tokens"]
     for a in o.algos:
         if o.batch % ALGOS[a][2]:
@@ -606,7 +788,10 @@ def main(argv=None) -> int:
         if RESULTS.resolve() in prefix.resolve().parents:
             raise SystemExit("--quick never writes to bench/results (its numbers are a smoke test, not figures)")
     else:
-        prefix = Path(o.out) if o.out else RESULTS / f"learning-cpu-{date}"
+        name = f"learning-cpu-{date}" if o.horizon == 20 else f"horizon{o.horizon}-cpu-{date}"
+        if o.estimate:
+            name = f"horizon{o.horizon}-cost-cpu-{date}"
+        prefix = Path(o.out) if o.out else RESULTS / name
     model_path = str(Path(o.model).resolve()) if o.model else default_model_path()
     if o.model:
         o.model = model_path
@@ -620,6 +805,8 @@ def main(argv=None) -> int:
     work_dir = work_dir.resolve()
 
     planner = Planner(o, preset, model_path)
+    if o.estimate:
+        return estimate(o, planner, preset, model_path, built, work_dir, prefix)
     done, prev_env, ignored = {}, None, 0
     # keys any plan under these settings can produce (every lr the sweep may reach, every seed and critic rate)
     reach = set(o.lrs)
@@ -642,6 +829,7 @@ def main(argv=None) -> int:
     env = environment()
     env["model_path"] = model_path
     env["model_sha256"] = _sha256(Path(model_path) / "model.safetensors")
+    env["horizon"], env["task"], env["model_build"] = o.horizon, o.task, built
     n_cached = len(done)
     t0 = time.perf_counter()
     failed = run_all(o, planner, done, jsonl, work_dir)

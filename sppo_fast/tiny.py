@@ -27,6 +27,14 @@ train problems; deterministic on CPU (``torch.manual_seed``, ``torch.use_determi
 from a seeded ``random.Random``); it stops after a fixed number of steps (``DEFAULT_STEPS``), never by time.
 The step count is chosen so the shipped model is only partly trained: RL has room to improve it and signal to do so.
 
+Longer horizons (``synthetic.HORIZONS``: responses of ~61 or ~153 tokens instead of ~19): the same model with a
+larger position budget (``max_positions``: 128 or 256), warmed up on that task until the greedy accuracy on a
+128-problem stop-check set first reaches ``STOP_AT_ACC`` (checked every 25 steps, at most ``HORIZON_STEPS``), so
+RL starts from a comparable 20-40%. They are not shipped: ``bench/bench_learning.py --horizon 60|150`` builds them
+on first use (deterministically, 1 thread) into a cache directory::
+
+    python -m sppo_fast.tiny --horizon 150 --out /tmp/tiny150 --threads 1   # stops at 25% stop-check accuracy
+
 Rebuild (about a minute on 2 idle CPU cores; the checkpoint is bitwise reproducible on the same machine and
 thread count -- the shipped one was built with ``--threads 1``)::
 
@@ -60,6 +68,16 @@ from pathlib import Path
 from . import synthetic
 
 DEFAULT_STEPS = 225
+# Warm-up of the longer horizons (synthetic.HORIZONS): instead of a step count tuned by hand per task, the build
+# checks greedy accuracy on STOP_CHECK_N problems (seed STOP_CHECK_SEED, not the held-out set) every
+# STOP_CHECK_EVERY steps and stops at the first check that reaches STOP_AT_ACC, so RL starts at 20-40% like the
+# shipped model; HORIZON_STEPS caps the steps. Still deterministic: the checks are greedy. Horizon 20 keeps the
+# shipped model's fixed recipe.
+HORIZON_STEPS = {20: DEFAULT_STEPS, 60: 3000, 150: 3000}
+STOP_AT_ACC = 0.25
+STOP_CHECK_EVERY = 25
+STOP_CHECK_N = 128
+STOP_CHECK_SEED = 777
 DEFAULT_SEED = 0
 N_TRAIN = 20_000
 N_EVAL = 500
@@ -117,7 +135,19 @@ def build_tokenizer(model_max_length: int = MODEL_CONFIG["max_position_embedding
     return tok
 
 
-def build_model(tok, seed: int):
+def max_positions(task: dict | None = None) -> int:
+    """Position budget of the model for a task: the shipped 64 for the default task, else the next power of two
+    above BOS + the longest prompt + the longest solution + EOS (RoPE has no learned positions; this only sizes the
+    config and the tokenizer's model_max_length)."""
+    kw = {**synthetic.DEFAULT_TASK, **(task or {})}
+    if kw == synthetic.DEFAULT_TASK:
+        return MODEL_CONFIG["max_position_embeddings"]
+    prompt = len(str(kw["max_first"])) + (kw["max_terms"] - 1) * (1 + len(str(kw["max_operand"]))) + 1
+    need = 1 + prompt + synthetic.max_solution_chars(**kw) + 1
+    return 1 << (need - 1).bit_length()
+
+
+def build_model(tok, seed: int, task: dict | None = None):
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -126,21 +156,21 @@ def build_model(tok, seed: int):
         bos_token_id=tok.bos_token_id,
         eos_token_id=tok.eos_token_id,
         pad_token_id=tok.pad_token_id,
-        **MODEL_CONFIG,
+        **{**MODEL_CONFIG, "max_position_embeddings": max_positions(task)},
     )
     torch.manual_seed(seed)
     model = LlamaForCausalLM(config)
     return model
 
 
-def _generation_config(tok):
+def _generation_config(tok, task: dict | None = None):
     from transformers import GenerationConfig
 
     return GenerationConfig(
         bos_token_id=tok.bos_token_id,
         eos_token_id=tok.eos_token_id,
         pad_token_id=tok.pad_token_id,
-        max_new_tokens=synthetic.max_solution_chars() + 2,
+        max_new_tokens=synthetic.max_solution_chars(**(task or {})) + 2,
     )
 
 
@@ -168,19 +198,21 @@ def _collate(batch, pad_id: int):
 
 
 @__import__("functools").lru_cache(maxsize=1)
-def _datasets(n_train: int, n_eval: int):
-    return synthetic.train_eval_datasets(n_train, n_eval)
+def _datasets(n_train: int, n_eval: int, task_items: tuple = ()):
+    return synthetic.train_eval_datasets(n_train, n_eval, **dict(task_items))
 
 
-def evaluate(model, tok, problems: list[dict], temperature: float = 0.0, batch_size: int = 256, seed: int = 0):
-    """Accuracy of ``model`` on ``problems``: greedy when ``temperature == 0``, else sampled (seeded)."""
+def evaluate(model, tok, problems: list[dict], temperature: float = 0.0, batch_size: int = 256, seed: int = 0,
+             task: dict | None = None):
+    """Accuracy of ``model`` on ``problems`` (of ``task``: sizes the generation budget): greedy when
+    ``temperature == 0``, else sampled (seeded)."""
     import torch
 
     old_side = tok.padding_side
     tok.padding_side = "left"
     model.eval()
     correct = 0
-    max_new = synthetic.max_solution_chars() + 2
+    max_new = synthetic.max_solution_chars(**(task or {})) + 2
     gen = dict(max_new_tokens=max_new, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
     if temperature > 0:
         gen.update(do_sample=True, temperature=temperature, top_k=None, top_p=None)
@@ -213,26 +245,39 @@ def build(
     log_every: int = 50,
     eval_every: int = 0,
     verbose: bool = True,
+    horizon: int = 20,
+    stop_at_acc: float | None = None,
+    check_every: int = STOP_CHECK_EVERY,
+    check_n: int = STOP_CHECK_N,
 ) -> dict:
-    """Build tokenizer + model, run ``steps`` warm-up steps, evaluate, save to ``out_dir`` (the shipped
-    directory when None). Deterministic for fixed arguments on one machine. Returns a dict of metrics."""
+    """Build tokenizer + model, run ``steps`` warm-up steps on the task of ``horizon`` (``synthetic.HORIZONS``;
+    20 is the default task), evaluate, save to ``out_dir`` (the shipped directory when None; required for another
+    horizon). With ``stop_at_acc``, ``steps`` is a cap: every ``check_every`` steps the greedy accuracy on
+    ``check_n`` problems drawn with STOP_CHECK_SEED is measured and the warm-up stops at the first check at or above
+    it. Deterministic for fixed arguments on one machine. Returns a dict of metrics."""
     import torch
 
+    task = synthetic.task_for_horizon(horizon)
+    if out_dir is None and horizon != 20:
+        raise ValueError("only the horizon-20 model is shipped: give out_dir for another horizon")
     out_dir = Path(out_dir) if out_dir is not None else Path(default_model_path())
     prev_det = torch.are_deterministic_algorithms_enabled()
     torch.use_deterministic_algorithms(True)
     try:
-        tok = build_tokenizer()
-        model = build_model(tok, seed)
+        tok = build_tokenizer(max_positions(task))
+        model = build_model(tok, seed, task)
         n_params = sum(p.numel() for p in model.parameters())
-        train, held = _datasets(n_train, n_eval)
+        train, held = _datasets(n_train, n_eval, tuple(sorted(task.items())))
         encoded = [_encode_example(tok, ex) for ex in train]
         rng = random.Random(seed)
         opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.98), weight_decay=0.01)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(1, warmup_steps)))
         history = []
+        checks = synthetic.make_dataset(check_n, STOP_CHECK_SEED, unique=True, **task) if stop_at_acc else []
+        stopped_at = None
         t0 = time.perf_counter()
         model.train()
+        step, loss = 0, None
         for step in range(1, steps + 1):
             ids, att, lab = _collate(rng.sample(encoded, batch_size), tok.pad_token_id)
             loss = model(input_ids=ids, attention_mask=att, labels=lab).loss
@@ -244,26 +289,36 @@ def build(
             if verbose and (step % log_every == 0 or step == steps):
                 print(f"step {step:5d}  loss {loss.item():.4f}  {time.perf_counter() - t0:.1f}s", flush=True)
             if eval_every and step % eval_every == 0 and step != steps:
-                acc = evaluate(model, tok, held)
+                acc = evaluate(model, tok, held, task=task)
                 history.append((step, loss.item(), acc))
                 if verbose:
                     print(f"step {step:5d}  held-out greedy acc {acc:.3f}", flush=True)
                 model.train()
+            if stop_at_acc is not None and step % check_every == 0:
+                acc = evaluate(model, tok, checks, task=task)
+                history.append((step, loss.item(), acc))
+                if verbose:
+                    print(f"step {step:5d}  stop-check greedy acc {acc:.3f} (stops at {stop_at_acc})", flush=True)
+                model.train()
+                if acc >= stop_at_acc:
+                    stopped_at = step
+                    break
         train_s = time.perf_counter() - t0
         model.eval()
-        metrics = {"steps": steps, "seed": seed, "n_params": n_params, "train_seconds": round(train_s, 1),
-                   "final_loss": float(loss.item()) if steps else None, "history": history}
+        metrics = {"horizon": horizon, "task": task, "steps": step, "max_steps": steps, "stop_at_acc": stop_at_acc,
+                   "stopped_at": stopped_at, "seed": seed, "n_params": n_params, "train_seconds": round(train_s, 1),
+                   "final_loss": float(loss.item()) if loss is not None else None, "history": history}
         if do_eval:
-            metrics["greedy_acc"] = evaluate(model, tok, held)
-            metrics["sampled_acc_t0.6"] = evaluate(model, tok, held, temperature=0.6, seed=seed)
+            metrics["greedy_acc"] = evaluate(model, tok, held, task=task)
+            metrics["sampled_acc_t0.6"] = evaluate(model, tok, held, temperature=0.6, seed=seed, task=task)
             if verbose:
                 print(f"held-out ({len(held)}) greedy acc {metrics['greedy_acc']:.3f}  "
                       f"sampled(T=0.6) acc {metrics['sampled_acc_t0.6']:.3f}", flush=True)
         out_dir.mkdir(parents=True, exist_ok=True)
-        model.generation_config = _generation_config(tok)
+        model.generation_config = _generation_config(tok, task)
         model.save_pretrained(out_dir, safe_serialization=True)
         # save a fresh tokenizer: the one used above carries padding state from batched generation
-        build_tokenizer().save_pretrained(out_dir)
+        build_tokenizer(max_positions(task)).save_pretrained(out_dir)
         _portable_tokenizer_config(out_dir)
         for f in out_dir.iterdir():  # safetensors writes 0600; the shipped files should be world-readable
             if f.is_file():
@@ -285,7 +340,13 @@ def _portable_tokenizer_config(out_dir: Path) -> None:
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description="Build the embedded tiny char-level Llama for the synthetic task.")
     ap.add_argument("--out", default=None, help="output dir (default: the shipped sppo_fast/assets/tiny)")
-    ap.add_argument("--steps", type=int, default=DEFAULT_STEPS)
+    ap.add_argument("--horizon", type=int, default=20, choices=sorted(synthetic.HORIZONS),
+                    help="task: approximate response tokens (20 = the shipped default task; others need --out)")
+    ap.add_argument("--steps", type=int, default=None, help="warm-up steps (default: HORIZON_STEPS[horizon]; a cap "
+                                                          "when --stop-at-acc is on)")
+    ap.add_argument("--stop-at-acc", type=float, default=None,
+                    help=f"stop at the first check with this greedy accuracy (default: {STOP_AT_ACC} for horizons "
+                         "60/150, off for 20: the shipped fixed recipe)")
     ap.add_argument("--seed", type=int, default=DEFAULT_SEED)
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--lr", type=float, default=2e-3)
@@ -297,8 +358,12 @@ def main(argv=None) -> None:
         import torch
 
         torch.set_num_threads(args.threads)
-    m = build(args.out, steps=args.steps, seed=args.seed, batch_size=args.batch_size, lr=args.lr,
-              eval_every=args.eval_every, do_eval=not args.no_eval)
+    if args.out is None and args.horizon != 20:
+        ap.error("--horizon other than 20 needs --out (only the horizon-20 model is shipped)")
+    steps = HORIZON_STEPS[args.horizon] if args.steps is None else args.steps
+    stop = args.stop_at_acc if args.stop_at_acc is not None else (None if args.horizon == 20 else STOP_AT_ACC)
+    m = build(args.out, steps=steps, seed=args.seed, batch_size=args.batch_size, lr=args.lr,
+              eval_every=args.eval_every, do_eval=not args.no_eval, horizon=args.horizon, stop_at_acc=stop)
     print(json.dumps({k: v for k, v in m.items() if k != "history"}))
 
 

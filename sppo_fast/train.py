@@ -35,7 +35,7 @@ from sppo_fast.hf import lm_head_params
 from sppo_fast.model import (attention_implementation, check_model_dir, hidden_states, load_critic, load_policy,
                              load_tokenizer)
 from sppo_fast.rollout import BACKENDS, generate, pack, resolve_backend, split_by_tokens
-from sppo_fast.value_head import ValueHead, pool_prompt_states
+from sppo_fast.value_head import ValueHead, capture_layer, flat_states, pool_prompt_states
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -131,6 +131,12 @@ class Args:
     """bce (V = sigmoid(v), rewards in [0,1]) or mse (V = v, any real reward)"""
     value_pooling: str = "last"
     """prompt state fed to the value head: last (last prompt token) or mean (over prompt tokens)"""
+    value_layer: int = -1
+    """decoder layer whose output feeds the value head (-1: the final hidden state; 0-based, negative from the end)"""
+    value_norm: str = "none"
+    """none | layernorm: standardise the pooled state before the value head (LayerNorm without affine)"""
+    value_mlp_hidden: int = 0
+    """value head: 0 = Linear(H, 1); N > 0 = Linear(H, N) -> GELU -> Linear(N, 1)"""
     value_grad_to_backbone: bool = False
     """let the value loss's gradient flow into the shared backbone (off: the policy's learning is not perturbed)"""
     num_minibatches: int = 1
@@ -215,6 +221,7 @@ CHOICES = {"algo": ("sppo", "grpo", "ppo"), "loss_agg": ("token-mean", "seq-mean
            "ratio_level": ("token", "sequence"), "value_loss": ("bce", "mse"), "value_pooling": ("last", "mean"),
            "kernel_impl": ("auto", "chunked", "triton", "torch"), "grad_clip": ("separate", "joint"),
            "code_sandbox": ("namespaces", "none"), "rollout_backend": ("auto", *BACKENDS),
+           "value_norm": ("none", "layernorm"),
            "memory_plan": ("auto", "fp32", "ckpt", "bf16", "8bit", "offload")}
 # Valid ranges in interval notation, exactly as the error messages print them. Fields not listed take any value of
 # their type (floats must still be finite).
@@ -228,6 +235,7 @@ RANGES = {
     "eval_every": "[0, inf)", "eval_k": "[1, inf)", "seed": "[0, inf)", "lora_rank": "[0, inf)",
     "lora_alpha": "[1, inf)", "check_inputs_steps": "[0, inf)", "gen_batch_size": "[0, inf)", "threads": "[0, inf)",
     "max_nonfinite_steps": "[1, inf)", "log_every": "[1, inf)", "save_every": "[0, inf)", "keep_last": "[0, inf)",
+    "value_mlp_hidden": "[0, inf)",
 }
 
 
@@ -365,7 +373,8 @@ class Stepper:
     def forward(self, batch):
         """One policy forward (+ the critic's, if separate) ->
         (response-token hidden [N, H], lm_head weight, softcap, value logits: [B] (SPPO), [N] (PPO) or None)."""
-        with self.autocast:
+        shared_layer = self.args.value_layer if self.critic is None and self.value_head is not None else -1
+        with self.autocast, capture_layer(self.policy, shared_layer) as tap:
             hidden = hidden_states(self.policy, batch)
         weight, softcap, logit_scale = lm_head_params(self.policy)
         h_resp = hidden[batch.resp_rows]
@@ -382,12 +391,14 @@ class Stepper:
             weight = weight.to(dtype)
         v = None
         if self.critic is not None:  # a separate critic LLM: a second forward over the same tokens
-            with self.autocast:
+            with self.autocast, capture_layer(self.critic, self.args.value_layer) as tap:
                 c_hidden = hidden_states(self.critic, batch)
+            c_hidden = flat_states(tap["hidden"], batch.flat_index) if tap else c_hidden
             v = self.value_head(c_hidden[batch.resp_rows] if self.args.algo == "ppo" else pool_prompt_states(
                 c_hidden, batch.prompt_rows, batch.prompt_seq_ids, batch.last_prompt_rows, self.args.value_pooling))
         elif self.value_head is not None:
-            pooled = pool_prompt_states(hidden, batch.prompt_rows, batch.prompt_seq_ids, batch.last_prompt_rows,
+            v_hidden = flat_states(tap["hidden"], batch.flat_index) if tap else hidden  # --value-layer
+            pooled = pool_prompt_states(v_hidden, batch.prompt_rows, batch.prompt_seq_ids, batch.last_prompt_rows,
                                         self.args.value_pooling)
             v = self.value_head(pooled if self.args.value_grad_to_backbone else pooled.detach())
         return h_resp, weight, softcap, v
@@ -830,8 +841,13 @@ def main(args: Args) -> dict:
         critic = load_critic(critic_path, device=device, attn_implementation=attention_implementation(device),
                              gradient_checkpointing=args.gradient_checkpointing, dtype=plan.dtype)
         critic.train()
-    hidden_size = (critic or policy).config.get_text_config().hidden_size
-    value_head = ValueHead(hidden_size).to(device) if args.algo != "grpo" else None
+    text_config = (critic or policy).config.get_text_config()
+    hidden_size, n_layers = text_config.hidden_size, text_config.num_hidden_layers
+    if args.algo != "grpo" and not -n_layers <= args.value_layer < n_layers:
+        raise ConfigError(f"--value-layer must be in [{-n_layers}, {n_layers - 1}] for this model's {n_layers} decoder "
+                          f"layers (-1: the final hidden state), got {args.value_layer}")
+    value_head = ValueHead(hidden_size, norm=args.value_norm, mlp_hidden=args.value_mlp_hidden).to(device) \
+        if args.algo != "grpo" else None
     policy, critic, value_head = distributed.shard(policy, critic, value_head)  # torchrun: FSDP2; else no-op
     groups = [{"params": [p for p in policy.parameters() if p.requires_grad], "lr": args.lr,
                "weight_decay": args.weight_decay}]

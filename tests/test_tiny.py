@@ -226,3 +226,78 @@ def test_build_deterministic(tmp_path):
     AutoModelForCausalLM.from_pretrained(tmp_path / "a")
     t = AutoTokenizer.from_pretrained(tmp_path / "a")
     assert t.decode(t("12+3=", add_special_tokens=False)["input_ids"]) == "12+3="
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the horizon knob
+# ---------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("horizon,lo,hi", [(20, 15, 25), (60, 50, 70), (150, 130, 170)])
+def test_horizon_response_lengths(horizon, lo, hi):
+    task = synthetic.task_for_horizon(horizon)
+    probs = synthetic.make_dataset(1000, seed=5, **task)
+    lengths = [len(p["solution"]) + 1 for p in probs]  # character-level tokens + EOS
+    assert lo <= sum(lengths) / len(lengths) <= hi
+    assert max(lengths) <= synthetic.max_solution_chars(**task) + 1
+    for p in probs[:50]:  # the same family: a correct chain of additions at every horizon
+        terms = [int(t) for t in p["prompt"][:-1].split("+")]
+        assert task["min_terms"] <= len(terms) <= task["max_terms"] and p["answer"] == str(sum(terms))
+        assert synthetic.is_correct(p["solution"], p["answer"])
+
+
+def test_horizon_lookup():
+    assert synthetic.task_for_horizon(20) == synthetic.DEFAULT_TASK
+    t = synthetic.task_for_horizon(60)
+    t["max_terms"] = 99  # a copy: the table is not mutated
+    assert synthetic.HORIZONS[60]["max_terms"] != 99
+    with pytest.raises(ValueError, match="horizon"):
+        synthetic.task_for_horizon(100)
+
+
+def test_write_jsonl_split_loads_in_the_trainer(tmp_path):
+    from sppo_fast import data, rewards
+
+    task = synthetic.task_for_horizon(60)
+    tr, ev = synthetic.write_jsonl_split(tmp_path, 200, 20, **task)
+    train, held = data.load_dataset(tr, eval_path=ev)
+    ref_train, ref_held = synthetic.train_eval_datasets(200, 20, **task)
+    assert [r["prompt"] for r in train] == [p["prompt"] for p in ref_train]
+    assert [r["answer"] for r in held] == [p["answer"] for p in ref_held]
+    assert not {r["prompt"] for r in train} & {r["prompt"] for r in held}
+    fn = rewards.get_reward_fn("exact")
+    assert fn([r["prompt"] for r in held], [p["solution"] for p in ref_held], answer=[r["answer"] for r in held]) \
+        == [1.0] * 20
+
+
+def test_max_positions_fit_each_horizon():
+    assert tiny.max_positions() == tiny.max_positions(synthetic.DEFAULT_TASK) == 64
+    for h in (60, 150):
+        task = synthetic.task_for_horizon(h)
+        rng = random.Random(0)
+        longest = max(len(p["prompt"]) + len(p["solution"]) for p in (synthetic.make_problem(rng, **task)
+                                                                      for _ in range(3000)))
+        assert tiny.max_positions(task) >= 1 + longest + 1  # BOS + prompt + solution + EOS
+
+
+def test_build_other_horizon(tmp_path):
+    kw = dict(steps=2, seed=0, batch_size=4, n_train=32, n_eval=4, do_eval=False, verbose=False, horizon=60)
+    m = tiny.build(tmp_path / "h60", **kw)
+    assert m["horizon"] == 60 and m["task"] == synthetic.task_for_horizon(60)
+    tiny.build(tmp_path / "h60b", **kw)
+    assert (tmp_path / "h60" / "model.safetensors").read_bytes() == (tmp_path / "h60b" / "model.safetensors").read_bytes()
+    cfg = json.loads((tmp_path / "h60" / "config.json").read_text())
+    assert cfg["max_position_embeddings"] == tiny.max_positions(synthetic.task_for_horizon(60)) > 64
+    gen = json.loads((tmp_path / "h60" / "generation_config.json").read_text())
+    assert gen["max_new_tokens"] == synthetic.max_solution_chars(**synthetic.task_for_horizon(60)) + 2
+    with pytest.raises(ValueError, match="out_dir"):
+        tiny.build(None, **kw)
+    with pytest.raises(SystemExit):
+        tiny.main(["--horizon", "150"])  # only the horizon-20 model is shipped: another needs --out
+    assert set(tiny.HORIZON_STEPS) == set(synthetic.HORIZONS) and tiny.HORIZON_STEPS[20] == tiny.DEFAULT_STEPS
+
+
+def test_build_stops_at_accuracy(tmp_path):
+    kw = dict(seed=0, batch_size=4, n_train=32, n_eval=4, do_eval=False, verbose=False, horizon=60, check_n=4)
+    m = tiny.build(tmp_path / "a", steps=5, stop_at_acc=0.0, check_every=2, **kw)  # any accuracy is >= 0
+    assert m["stopped_at"] == m["steps"] == 2 and m["max_steps"] == 5 and len(m["history"]) == 1
+    m = tiny.build(tmp_path / "b", steps=3, stop_at_acc=1.01, check_every=1, **kw)  # never reached: the cap
+    assert m["stopped_at"] is None and m["steps"] == 3 and len(m["history"]) == 3
