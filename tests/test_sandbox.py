@@ -4,6 +4,7 @@ import errno
 import os
 import secrets
 import socket
+import stat
 import sys
 import textwrap
 import time
@@ -200,8 +201,24 @@ def test_cpu_runaway_is_killed_at_the_timeout():
     assert time.perf_counter() - t0 < 3.0
 
 
+def _visible_host_dir() -> Path:
+    """A writable host dir the sandboxed program can see: not under the sandbox's own tmpfs (/tmp, /var/tmp,
+    /dev/shm) and reachable by any uid (every ancestor world-searchable; the sandbox hides dirs such as a mode-700
+    /root). A file there that it fails to read failed on its permission bits, not because it was out of sight."""
+    hidden = [Path(p) for p in ("/tmp", "/var/tmp", "/dev/shm")]
+
+    def visible(d: Path) -> bool:
+        return (d.is_dir() and os.access(d, os.W_OK) and not any(d == h or h in d.parents for h in hidden)
+                and all(os.stat(a).st_mode & stat.S_IXOTH for a in (d, *d.parents)))
+
+    for d in (Path(__file__).resolve().parent, Path.cwd(), Path("/srv"), Path("/mnt"), Path("/opt")):
+        if visible(d):
+            return d
+    pytest.skip("no writable directory that every uid can reach outside /tmp, /var/tmp and /dev/shm")
+
+
 def test_runs_unprivileged_and_cannot_read_private_files():
-    secret = Path.cwd() / f"secret_{secrets.token_hex(4)}"
+    secret = _visible_host_dir() / f"secret_{secrets.token_hex(4)}"
     secret.write_text("s3cret")
     secret.chmod(0o600)
     src = f"""
