@@ -572,11 +572,8 @@ def test_second_backward_through_fused_loss_raises():
 
 
 @pytest.mark.skipif(torch.cuda.is_available() or not TRITON_OK, reason="emulates the CUDA branch on CPU")
-@pytest.mark.parametrize("loss_agg", ["token-mean", "seq-mean-token-sum"])
-def test_fused_cuda_16bit_branch_emulated(monkeypatch, loss_agg):
-    """The fused PPO loop's CUDA 16-bit branch (16-bit GEMM operands, fp32 outputs, a separate 16-bit dZ written by
-    the Triton row pass, fp32 dX) run on CPU with the GEMMs emulated in fp32 on the 16-bit values. fp16: the
-    interpreter's bf16 cast truncates (see tests/test_logprobs.py)."""
+def _emulate_cuda_16bit_gemms(monkeypatch):
+    """Make the chunk loop take its CUDA branch on CPU: 16-bit GEMM operands with fp32 outputs, emulated in fp32."""
     from sppo_fast.kernels import chunked
 
     def mm_f32(a, b, out):
@@ -586,6 +583,14 @@ def test_fused_cuda_16bit_branch_emulated(monkeypatch, loss_agg):
     monkeypatch.setattr(chunked, "_native_16bit", lambda device, what: True)
     monkeypatch.setattr(chunked, "_mm_f32", mm_f32)
     monkeypatch.setattr(chunked, "_addmm_f32_", lambda acc, a, b: acc.add_(a.float() @ b.float()))
+
+
+@pytest.mark.parametrize("loss_agg", ["token-mean", "seq-mean-token-sum"])
+def test_fused_cuda_16bit_branch_emulated(monkeypatch, loss_agg):
+    """The fused PPO loop's CUDA 16-bit branch (16-bit GEMM operands, fp32 outputs, a separate 16-bit dZ written by
+    the Triton row pass, fp32 dX) run on CPU with the GEMMs emulated in fp32 on the 16-bit values. fp16: the
+    interpreter's bf16 cast truncates (see tests/test_logprobs.py)."""
+    _emulate_cuda_16bit_gemms(monkeypatch)
     results, stats, truth_stats = _run_both("chunked", torch.float16, True, loss_agg=loss_agg)
     for name, (ours, truth, baseline) in results.items():
         _assert_within(name, ours, truth, baseline, torch.float16)
@@ -599,15 +604,7 @@ def test_fused_fp32_master_weight_with_16bit_hidden(monkeypatch, emulate_cuda):
     if emulate_cuda:
         if torch.cuda.is_available() or not TRITON_OK:
             pytest.skip("emulates the CUDA branch on CPU")
-        from sppo_fast.kernels import chunked
-
-        def mm_f32(a, b, out):
-            result = a.float() @ b.float()
-            return result if out is None else out.copy_(result)
-
-        monkeypatch.setattr(chunked, "_native_16bit", lambda device, what: True)
-        monkeypatch.setattr(chunked, "_mm_f32", mm_f32)
-        monkeypatch.setattr(chunked, "_addmm_f32_", lambda acc, a, b: acc.add_(a.float() @ b.float()))
+        _emulate_cuda_16bit_gemms(monkeypatch)
     impl, dtype = ("chunked", torch.float16) if emulate_cuda else ("torch", torch.bfloat16)
     hidden, weight, targets = _inputs(dtype)
     master = weight.float() + 1e-3 * torch.randn(weight.shape, generator=torch.Generator().manual_seed(1))
