@@ -448,9 +448,18 @@ class _Loop:
             self.gemm.logits(x, z)
             yield rows, tgt, valid, x, z
 
-    def bufs(self, c):
+    def bufs(self, z):
+        """(exp buffer, tanh buffer, where the Triton row pass writes dZ: z itself unless dZ is 16-bit) for chunk z."""
+        c = z.shape[0]
         return (None if self.e is None else self.e[:c]), (None if self.th is None else self.th[:c]), \
-            (None if self.dz is None else self.dz[:c])
+            (z if self.dz is None else self.dz[:c])
+
+    def backprop(self, dz, x, dx_rows, dw):
+        """GEMMs 2 and 3 of a chunk: dX_c = dZ W into dx_rows, dW += dZ^T X_c (each skipped when given None)."""
+        if dx_rows is not None:
+            self.gemm.dx(dz, dx_rows)
+        if dw is not None:
+            self.gemm.dw(dw, dz, x)
 
 
 def _no_autocast(device):
@@ -475,7 +484,7 @@ def logprobs_fwd(hidden, weight, targets, temperature, softcap, ignore_index, re
                              has_entropy=return_entropy, lse=lse, mean_z=mean_z if return_entropy else lse,
                              logp=logp, entropy=entropy if return_entropy else logp)
             else:
-                e, th, _ = loop.bufs(z.shape[0])
+                e, th, _ = loop.bufs(z)
                 pass_ = _TorchRows(z, e, th, inv_t, softcap)
                 lp, ent, ls, mz = pass_.stats(torch.where(valid, tgt, 0).long(), valid, return_entropy)
                 logp[rows], lse[rows] = lp, ls
@@ -496,9 +505,8 @@ def logprobs_bwd(grad_logp, grad_entropy, hidden, weight, targets, lse, mean_z, 
     with _no_autocast(hidden.device):
         loop = _Loop(hidden, weight, targets, ignore_index, softcap, chunk_bytes, triton_rows)
         for rows, tgt, valid, x, z in loop.chunks():
-            e, th, dz_buf = loop.bufs(z.shape[0])
+            e, th, dz = loop.bufs(z)
             if triton_rows:
-                dz = z if dz_buf is None else dz_buf
                 _launch_rows(z, dz, rows.start, targets, ignore_index, inv_t, softcap, mode=1,
                              ent_grad=grad_entropy is not None, write_grad=True, g_logp=grad_logp,
                              g_ent=grad_entropy, lse=lse, mean_z=mean_z if grad_entropy is not None else lse)
@@ -507,10 +515,7 @@ def logprobs_bwd(grad_logp, grad_entropy, hidden, weight, targets, lse, mean_z, 
                 g_ent = None if grad_entropy is None else torch.where(valid, grad_entropy[rows], 0.0)
                 dz = _torch_grad_recompute(z, e, th, torch.where(valid, tgt, 0).long(), g, g_ent, lse[rows],
                                            None if g_ent is None else mean_z[rows], inv_t, softcap)
-            if compute_dx:
-                loop.gemm.dx(dz, dx[rows])
-            if compute_dw:
-                loop.gemm.dw(dw32, dz, x)
+            loop.backprop(dz, x, dx[rows] if compute_dx else None, dw32)
     if not compute_dw:
         return dx, weight.new_empty(0)
     return dx, (dw32 if weight.dtype == torch.float32 else dw32.to(weight.dtype))
@@ -530,9 +535,8 @@ def ppo_fwd_with_grads(hidden, weight, targets, old_logp, adv, w_tok, g_ent, hp,
     with _no_autocast(hidden.device):
         loop = _Loop(hidden, weight, targets, ignore_index, softcap, chunk_bytes, triton_rows)
         for rows, tgt, valid, x, z in loop.chunks():
-            e, th, dz_buf = loop.bufs(z.shape[0])
+            e, th, dz = loop.bufs(z)
             if triton_rows:
-                dz = z if dz_buf is None else dz_buf
                 _launch_rows(z, dz, rows.start, targets, ignore_index, inv_t, softcap, mode=2, has_entropy=True,
                              ent_grad=g_ent is not None, on_policy=on_policy, has_dual=has_dual,
                              write_grad=write_grad, old=old_logp, adv=adv, w=w_tok, g_ent=g_ent, hp=hp,
@@ -548,8 +552,6 @@ def ppo_fwd_with_grads(hidden, weight, targets, old_logp, adv, w_tok, g_ent, hp,
                                     0.0)
                     ge = None if g_ent is None else torch.where(valid, g_ent[rows], 0.0)
                     dz = pass_.grad(tgt_safe, g, ge, inv_t)
-            if compute_dx:
-                loop.gemm.dx(dz, dx[rows])
-            if compute_dw:
-                loop.gemm.dw(dw, dz, x)
+            if write_grad:
+                loop.backprop(dz, x, dx[rows] if compute_dx else None, dw if compute_dw else None)
     return logp, entropy, dx, dw
