@@ -47,6 +47,15 @@ VARIANTS = {  # name: (what it changes, trainer flags)
     "vlr3e-3": ("value lr 3e-3", ["--value-lr", "0.003"]),
     "vlr3e-2": ("value lr 3e-2", ["--value-lr", "0.03"]),
     "vlr1e-1": ("value lr 1e-1", ["--value-lr", "0.1"]),
+    "steps4": ("4 value steps per batch (3 head-only refits on the batch's prompt states)", ["--value-steps", "4"]),
+    "steps4_replay4": ("4 value steps per batch over this and the 4 previous batches",
+                       ["--value-steps", "4", "--value-replay", "4"]),
+    "steps8_replay8": ("8 value steps per batch over this and the 8 previous batches",
+                       ["--value-steps", "8", "--value-replay", "8"]),
+    "steps8_replay16": ("8 value steps per batch over this and the 16 previous batches",
+                        ["--value-steps", "8", "--value-replay", "16"]),
+    "mlp64_steps8_replay8": ("MLP head (64 hidden), 8 value steps per batch over this and the 8 previous batches",
+                             ["--value-mlp-hidden", "64", "--value-steps", "8", "--value-replay", "8"]),
 }
 DEFAULT_VARIANTS = "base,layernorm,mean,mlp64,layer2,layer2_ln,layer1_ln,vlr3e-3,vlr3e-2"
 
@@ -140,16 +149,16 @@ def write_md(path, env, done, summ, variants):
     Path(path).write_text("\n".join(L) + "\n")
 
 
-def ceiling(run_dir: Path, k: int, seed: int = 0) -> dict:
-    """Pearson(V, R) of a run's final head against its oracle ceiling (see the module docstring)."""
+def _load_run(run_dir: Path):
+    """(args, policy, tokenizer, trained value head, train rows, eval rows, Stepper) of a finished run's last
+    checkpoint, on the CPU with 1 thread."""
     import torch
     import yaml
     from safetensors.torch import load_file
 
-    from sppo_fast import checkpoint, data, rewards
+    from sppo_fast import checkpoint, data
     from sppo_fast.model import load_policy, load_tokenizer
-    from sppo_fast.rollout import pack
-    from sppo_fast.train import Args, Stepper, pearson, score_rewards, value_of
+    from sppo_fast.train import Args, Stepper
     from sppo_fast.value_head import ValueHead
 
     torch.set_num_threads(1)
@@ -161,29 +170,152 @@ def ceiling(run_dir: Path, k: int, seed: int = 0) -> dict:
     tok = load_tokenizer(ckpt / "policy")
     head = ValueHead(policy.config.hidden_size, norm=args.value_norm, mlp_hidden=args.value_mlp_hidden)
     head.load_state_dict(load_file(str(ckpt / "value_head.safetensors")))
-    _, eval_rows = data.load_dataset(args.data, eval_fraction=args.eval_size, synthetic_n_eval=args.eval_size,
-                                     seed=args.seed)
-    texts = data.format_prompts(eval_rows, tok, chat_template=False)
-    stepper = Stepper(args, policy, head, None, None, tok, device)
+    train_rows, eval_rows = data.load_dataset(args.data, eval_fraction=args.eval_size,
+                                              synthetic_n_eval=args.eval_size, seed=args.seed)
+    return args, policy, tok, head, train_rows, eval_rows, Stepper(args, policy, head, None, None, tok, device)
+
+
+def _sample(stepper, tok, rows, k, seed):
+    """k samples per row at the run's temperature -> (samples, R [len(rows) * k])."""
+    import torch
+
+    from sppo_fast import data, rewards
+    from sppo_fast.train import score_rewards
+
     torch.manual_seed(seed)
     with torch.no_grad():
-        samples = stepper.generate(texts, num_samples=k, temperature=args.temperature)
-        R = score_rewards(rewards.get_reward_fn(args.reward), eval_rows, samples, args)
+        samples = stepper.generate(data.format_prompts(rows, tok, chat_template=False), num_samples=k,
+                                   temperature=stepper.args.temperature)
+    return samples, score_rewards(rewards.get_reward_fn(stepper.args.reward), rows, samples, stepper.args)
+
+
+def _prompt_features(stepper, samples, k, layer):
+    """The pooled prompt state the shared head would read at decoder layer `layer` (-1: final, normed), one row per
+    prompt [len(samples) / k, H]: the trainer's own forward, with an identity in place of the head."""
+    import torch
+
+    from sppo_fast.rollout import pack
+
+    head, stepper.value_head = stepper.value_head, torch.nn.Identity()
+    layer_was, stepper.args.value_layer = stepper.args.value_layer, layer
+    try:
         firsts = list(range(0, len(samples), k))
-        V = torch.cat([value_of(stepper.forward(pack(samples, firsts[i:i + 64], packed=False,
-                                                     pad_token_id=tok.pad_token_id))[3], args.value_loss)
-                       for i in range(0, len(firsts), 64)])
+        with torch.no_grad():
+            return torch.cat([stepper.forward(pack(samples, firsts[i:i + 64], packed=False,
+                                                   pad_token_id=stepper.tokenizer.pad_token_id))[3]
+                              for i in range(0, len(firsts), 64)]).double()
+    finally:
+        stepper.value_head, stepper.args.value_layer = head, layer_was
+
+
+def ceiling(run_dir: Path, k: int, seed: int = 0) -> dict:
+    """Pearson(V, R) of a run's final head against its oracle ceiling (see the module docstring)."""
+    import torch
+
+    from sppo_fast.train import pearson, value_of
+
+    args, policy, tok, head, _, eval_rows, stepper = _load_run(run_dir)
+    samples, R = _sample(stepper, tok, eval_rows, k, seed)
+    with torch.no_grad():
+        V = value_of(head(_prompt_features(stepper, samples, k, args.value_layer).float()), args.value_loss).double()
     p_hat = R.view(-1, k).double().mean(1)
     m = R.double().mean().item()
     var_p = max(0.0, p_hat.var(unbiased=False).item() - (p_hat * (1 - p_hat)).mean().item() / (k - 1))
-    Vd = V.double()
-    cov_vp = ((Vd - Vd.mean()) * (p_hat - p_hat.mean())).mean().item()  # unbiased for cov(V, p): noise is independent
+    cov_vp = ((V - V.mean()) * (p_hat - p_hat.mean())).mean().item()  # unbiased for cov(V, p): noise is independent
     return {"kind": "ceiling", "run_dir": str(run_dir), "k": k, "n_prompts": len(eval_rows), "mean_R": m,
             "var_p": var_p, "ceiling_pearson": math.sqrt(var_p / (m * (1 - m))) if 0 < m < 1 else None,
             "pearson_V_R": pearson(V.repeat_interleave(k), R),
-            "corr_V_p": cov_vp / math.sqrt(Vd.var(unbiased=False).item() * var_p) if var_p > 0 else None,
+            "corr_V_p": cov_vp / math.sqrt(V.var(unbiased=False).item() * var_p) if var_p > 0 else None,
             "frac_prompts_p_hat_0": (p_hat == 0).float().mean().item(),
             "frac_prompts_p_hat_1": (p_hat == 1).float().mean().item()}
+
+
+def fit_probe(X, y, l2: float, hidden: int = 0, X_val=None, R_val=None, k_val: int = 1):
+    """An offline value head on standardised features: y are soft labels in [0, 1] (each prompt's success rate over
+    its samples). hidden=0: L2-regularised logistic regression, full batch L-BFGS in float64. hidden>0: Linear ->
+    GELU -> Linear with AdamW (weight decay l2), 600 full-batch steps, the step kept that scores best on the
+    validation prompts (Pearson with their k_val rewards each). Returns predict(X') -> P(success)."""
+    import torch
+
+    from sppo_fast.train import pearson
+
+    mu, sd = X.mean(0), X.std(0).clamp_min(1e-8)
+    Z = (X - mu) / sd
+    bce = torch.nn.functional.binary_cross_entropy_with_logits
+    if hidden == 0:
+        theta = torch.zeros(Z.shape[1] + 1, dtype=torch.float64, requires_grad=True)
+        opt = torch.optim.LBFGS([theta], lr=1, max_iter=200, line_search_fn="strong_wolfe")
+
+        def closure():
+            opt.zero_grad()
+            loss = bce(Z @ theta[:-1] + theta[-1], y) + l2 * theta[:-1].square().sum()
+            loss.backward()
+            return loss
+
+        opt.step(closure)
+        w = theta.detach()
+        return lambda Xn: torch.sigmoid(((Xn - mu) / sd) @ w[:-1] + w[-1])
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(Z.shape[1], hidden), torch.nn.GELU(), torch.nn.Linear(hidden, 1)).double()
+    opt = torch.optim.AdamW(net.parameters(), lr=3e-3, weight_decay=l2)
+    predict = lambda Xn: torch.sigmoid(net((Xn - mu) / sd).squeeze(-1))
+    best, state = -2.0, None
+    for it in range(600):
+        opt.zero_grad()
+        bce(net(Z).squeeze(-1), y).backward()
+        opt.step()
+        if it % 20 == 19:
+            with torch.no_grad():
+                score = pearson(predict(X_val).repeat_interleave(k_val), R_val) or -1.0
+            if score > best:
+                best, state = score, {k: v.clone() for k, v in net.state_dict().items()}
+    net.load_state_dict(state)
+    return lambda Xn: predict(Xn).detach()
+
+
+def probe(run_dir: Path, n_train: int, k_train: int, k_eval: int, seed: int = 0) -> list:
+    """How far a head on the shared backbone's prompt state can go when fitted offline with plenty of data: the
+    run's final policy samples k_train responses for each of n_train train prompts; per decoder layer, a logistic
+    regression and a 64-wide MLP (L2 / weight decay chosen on a held-out fifth of those prompts) map the last prompt
+    token's state to P(success); each is scored like the run's own head, by Pearson(V, R) over k_eval samples per
+    held-out eval prompt. The linear one is also fitted on the first 6,400 train samples only (what the demo's head
+    sees in 100 steps x 64), to split data from features. Rows: one per fit, plus the run's own head."""
+    import torch
+
+    from sppo_fast.train import pearson, value_of
+
+    args, policy, tok, head, train_rows, eval_rows, stepper = _load_run(run_dir)
+    train_rows = train_rows[:n_train]
+    s_tr, R_tr = _sample(stepper, tok, train_rows, k_train, seed)
+    s_ev, R_ev = _sample(stepper, tok, eval_rows, k_eval, seed + 1)
+    y_tr = R_tr.view(-1, k_train).double().mean(1)
+    n_layers = policy.config.num_hidden_layers
+    with torch.no_grad():
+        V_head = value_of(head(_prompt_features(stepper, s_ev, k_eval, args.value_layer).float()), args.value_loss)
+    out = [{"kind": "probe", "probe": "the run's own head (trained online)", "layer": args.value_layer,
+            "pearson_V_R": pearson(V_head.double().repeat_interleave(k_eval), R_ev)}]
+    print(json.dumps(out[-1]), flush=True)
+    n_val = len(train_rows) // 5
+    val = (slice(0, n_val), R_tr[:n_val * k_train])
+    fits = [(0, n, (0.0, 1e-5, 1e-4, 1e-3)) for n in sorted({min(6400 // k_train, len(train_rows) - n_val),
+                                                                 len(train_rows) - n_val})]
+    fits.append((64, len(train_rows) - n_val, (1e-3, 1e-2)))
+    for layer in [*range(n_layers - 1), -1]:
+        X_tr = _prompt_features(stepper, s_tr, k_train, layer)
+        X_ev = _prompt_features(stepper, s_ev, k_eval, layer)
+        for hidden, n, l2s in fits:
+            Xa, ya = X_tr[n_val:n_val + n], y_tr[n_val:n_val + n]
+            fitted = {l2: fit_probe(Xa, ya, l2, hidden, X_tr[val[0]], val[1], k_train) for l2 in l2s}
+            scores = {l2: pearson(f(X_tr[val[0]]).repeat_interleave(k_train), val[1]) or -1.0
+                      for l2, f in fitted.items()}
+            l2 = max(scores, key=scores.get)
+            out.append({"kind": "probe", "probe": f"MLP {hidden} hidden" if hidden else "logistic regression",
+                        "layer": layer,
+                        "layer_name": "final (normed)" if layer == -1 else f"decoder layer {layer + 1} of {n_layers}",
+                        "n_train_prompts": n, "n_train_samples": n * k_train, "l2": l2, "val_pearson": scores[l2],
+                        "pearson_V_R": pearson(fitted[l2](X_ev).repeat_interleave(k_eval), R_ev)})
+            print(json.dumps(out[-1]), flush=True)
+    return out
 
 
 def main(argv=None):
@@ -198,7 +330,16 @@ def main(argv=None):
     ap.add_argument("--work-dir", default="", help="run directories (default: a temp dir)")
     ap.add_argument("--ceiling", default="", help="a finished run dir: its head's Pearson vs the oracle ceiling")
     ap.add_argument("--ceiling-k", type=int, default=16)
+    ap.add_argument("--probe", default="", help="a finished run dir: offline logistic-regression heads per layer")
+    ap.add_argument("--probe-train", type=int, default=4000, help="train prompts the probe samples")
+    ap.add_argument("--probe-k", type=int, default=4, help="samples per train prompt")
     o = ap.parse_args(argv)
+    if o.probe:
+        rows = probe(Path(o.probe), o.probe_train, o.probe_k, o.ceiling_k)
+        if o.out:
+            with open(o.out, "a") as fh:
+                fh.writelines(json.dumps(r) + "\n" for r in rows)
+        return 0
     if o.ceiling:
         res = ceiling(Path(o.ceiling), o.ceiling_k)
         print(json.dumps(res))

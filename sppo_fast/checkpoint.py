@@ -65,8 +65,11 @@ def set_rng_state(tensors: dict, meta: dict) -> None:
 
 
 def save(run_dir, step: int, *, policy, tokenizer, value_head, optimizer, scheduler, sampler_state: dict,
-         extra: dict, keep_last: int = 3, critic=None) -> Path:
-    """Write checkpoint `step` atomically and prune older ones beyond `keep_last`. Returns its directory."""
+         extra: dict, keep_last: int = 3, critic=None, extra_tensors: dict | None = None) -> Path:
+    """Write checkpoint `step` atomically and prune older ones beyond `keep_last`. Returns its directory.
+
+    extra_tensors: trainer state beyond the optimizer's (e.g. the value head's replay buffer), back from restore() as
+    meta["extra_tensors"]."""
     for name, module in (("policy", policy), ("critic", critic), ("value head", value_head)):
         if module is not None and not all(torch.isfinite(p).all() for p in module.parameters()):
             raise FloatingPointError(f"refusing to save checkpoint step {step}: the {name} has NaN/inf weights")
@@ -90,6 +93,7 @@ def save(run_dir, step: int, *, policy, tokenizer, value_head, optimizer, schedu
     tensors, meta = _flatten_optimizer(full["optimizer"])
     rng_tensors, rng_meta = rng_state()
     tensors.update(rng_tensors, **full["rng"])  # rng.*.rankN: the other ranks' states
+    tensors.update({f"extra.{k}": v.detach().cpu().contiguous() for k, v in (extra_tensors or {}).items()})
     meta.update(rng_meta, step=step, scheduler=scheduler.state_dict(), sampler=sampler_state, extra=extra)
     save_file(tensors, tmp / "trainer.safetensors", metadata={"json": json.dumps(meta)})
     files = {str(p.relative_to(tmp)): p.stat().st_size for p in sorted(tmp.rglob("*")) if p.is_file()}
@@ -206,4 +210,5 @@ def restore(ckpt: Path, *, value_head, optimizer, scheduler) -> dict:
     scheduler.load_state_dict(meta["scheduler"])
     set_rng_state(tensors, meta)
     distributed.restore_rank_rng(tensors)
+    meta["extra_tensors"] = {k[len("extra."):]: v for k, v in tensors.items() if k.startswith("extra.")}
     return meta

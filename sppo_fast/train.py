@@ -14,6 +14,7 @@ One step, as data (../DESIGN.md has the picture):
 The critic is a Linear(H, 1) on the policy's own prompt state: causal attention makes that state independent of the
 response, so the same forward serves the log-probs and the critic, and V needs no extra pass.
 """
+import collections
 import inspect
 import math
 import random
@@ -139,6 +140,12 @@ class Args:
     """value head: 0 = Linear(H, 1); N > 0 = Linear(H, N) -> GELU -> Linear(N, 1)"""
     value_grad_to_backbone: bool = False
     """let the value loss's gradient flow into the shared backbone (off: the policy's learning is not perturbed)"""
+    value_steps: int = 1
+    """SPPO shared head: optimizer steps of the value head per batch. The first is the joint step; each further one
+    refits the head alone on the batch's detached prompt states (plus --value-replay earlier batches'): one
+    [B, H] x [H, 1] product, no backbone forward"""
+    value_replay: int = 0
+    """SPPO shared head: earlier batches whose prompt states and rewards the extra value steps also fit"""
     num_minibatches: int = 1
     """optimizer steps per rollout batch (>1 scores old log-probs first with the forward-only kernel)"""
     micro_batch_tokens: int = 16384
@@ -235,7 +242,7 @@ RANGES = {
     "eval_every": "[0, inf)", "eval_k": "[1, inf)", "seed": "[0, inf)", "lora_rank": "[0, inf)",
     "lora_alpha": "[1, inf)", "check_inputs_steps": "[0, inf)", "gen_batch_size": "[0, inf)", "threads": "[0, inf)",
     "max_nonfinite_steps": "[1, inf)", "log_every": "[1, inf)", "save_every": "[0, inf)", "keep_last": "[0, inf)",
-    "value_mlp_hidden": "[0, inf)",
+    "value_mlp_hidden": "[0, inf)", "value_steps": "[1, inf)", "value_replay": "[0, inf)",
 }
 
 
@@ -293,6 +300,13 @@ def check_args(args: Args) -> None:
     if args.num_minibatches > args.batch_size * (args.group_size if args.algo == "grpo" else 1):
         raise ConfigError(f"--num-minibatches {args.num_minibatches} is larger than the {args.batch_size} samples "
                           f"of a step (--batch-size)")
+    if (args.value_steps > 1 or args.value_replay) and (args.algo != "sppo" or args.critic
+                                                        or args.value_grad_to_backbone):
+        raise ConfigError("--value-steps/--value-replay refit SPPO's shared value head on detached prompt states: "
+                          "they need --algo sppo without --critic or --value-grad-to-backbone")
+    if args.value_replay and args.value_steps < 2:
+        raise ConfigError(f"--value-replay {args.value_replay} is only fitted by the extra value steps: give "
+                          f"--value-steps 2 or more")
     if args.resume and args.overwrite:
         raise ConfigError("--resume continues a run and --overwrite deletes it: give one of them")
     if args.run_name and (Path(args.run_name).name != args.run_name or args.run_name in (".", "..")):
@@ -369,6 +383,9 @@ class Stepper:
         use_bf16 = device.type == "cuda" and args.bf16
         self.autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16)
         self.compute_dtype = torch.bfloat16 if use_bf16 else None
+        # --value-steps/--value-replay: (detached prompt states [B, H], R [B]) of this batch and earlier ones
+        self.value_buffer = collections.deque(maxlen=args.value_replay + 1)
+        self.prompt_states = None  # the last forward's detached pooled prompt states (shared head only)
 
     def forward(self, batch):
         """One policy forward (+ the critic's, if separate) ->
@@ -400,7 +417,8 @@ class Stepper:
             v_hidden = flat_states(tap["hidden"], batch.flat_index) if tap else hidden  # --value-layer
             pooled = pool_prompt_states(v_hidden, batch.prompt_rows, batch.prompt_seq_ids, batch.last_prompt_rows,
                                         self.args.value_pooling)
-            v = self.value_head(pooled if self.args.value_grad_to_backbone else pooled.detach())
+            self.prompt_states = pooled.detach()  # what --value-steps refits the head on
+            v = self.value_head(pooled if self.args.value_grad_to_backbone else self.prompt_states)
         return h_resp, weight, softcap, v
 
     def generate(self, texts, **kwargs):
@@ -446,6 +464,8 @@ class Stepper:
                                  if args.num_minibatches > 1 else (None, None))
         self.score_s = time.perf_counter() - t0  # old-log-prob scoring, logged apart from the update proper
         totals, values = {}, torch.zeros(len(samples), device=self.device)
+        refit = args.value_steps > 1
+        states = [None] * len(samples) if refit else None
         for mb in minibatches:
             # torchrun: token-mean over ALL ranks' tokens (host-side counts summed; FSDP then sums the gradients)
             n_tok, n_seq = distributed.sum_counts(sum(len(samples[i].response_ids) for i in mb), len(mb))
@@ -458,6 +478,9 @@ class Stepper:
                 lengths = [len(samples[i].response_ids) for i in group]
                 h_resp, weight, softcap, v = self.forward(batch)
                 R_g = R[group].to(self.device)
+                if refit:
+                    for i, row in zip(group, self.prompt_states):
+                        states[i] = row
                 # Old values: from the scoring pass, or this very forward detached (prompt states, and in PPO the
                 # critic, are still pre-update here: the optimizer steps only after all micro-batches).
                 old_v = None if v is None else v.detach() if scored_v is None else torch.cat(
@@ -512,9 +535,39 @@ class Stepper:
             _acc(totals, "stats/grad_norm", grad_norm / args.num_minibatches)
             if value_grad_norm is not None:
                 _acc(totals, "stats/value_grad_norm", value_grad_norm / args.num_minibatches)
+        if refit:
+            self.value_buffer.append((torch.stack(states), R.to(self.device)))
+            self.refit_value_head(totals)
         self.optimizer.zero_grad(set_to_none=True)  # grads are dead after the step: free them for the rollout
         self.scheduler.step()
         return totals, values if self.value_head is not None else None
+
+    def value_buffer_state(self) -> dict:
+        """The replay buffer as named tensors, for the checkpoint (resume continues with the same refits)."""
+        return {f"value_buffer.{i}.{name}": t for i, (x, r) in enumerate(self.value_buffer)
+                for name, t in (("states", x), ("rewards", r))}
+
+    def load_value_buffer(self, tensors: dict) -> None:
+        n = sum(1 for k in tensors if k.startswith("value_buffer.") and k.endswith(".states"))
+        self.value_buffer.extend((tensors[f"value_buffer.{i}.states"].to(self.device),
+                                  tensors[f"value_buffer.{i}.rewards"].to(self.device)) for i in range(n))
+
+    def refit_value_head(self, totals):
+        """--value-steps: value_steps - 1 more optimizer steps on the value head alone, each over every buffered batch
+        (this one and --value-replay earlier ones; their states came from the policy as it was then). The policy's
+        grads are None, so the optimizer leaves the policy as it is."""
+        X = torch.cat([x for x, _ in self.value_buffer])
+        y = torch.cat([r for _, r in self.value_buffer])
+        for _ in range(self.args.value_steps - 1):
+            self.optimizer.zero_grad(set_to_none=True)
+            loss = value_loss_fn(self.value_head(X), y, self.args.value_loss)
+            loss.backward()
+            norms = clip_grad_norms(self.optimizer, self.args)  # the main step's clipping (the policy's norm is 0)
+            if not all(torch.isfinite(n) for n in norms if n is not None):
+                totals["nonfinite"] = torch.ones(())  # as in the main step: skip rather than poison the head
+                break
+            self.optimizer.step()
+        totals["losses/value_refit"] = loss.detach()
 
 
 def clip_grad_norms(optimizer, args):
@@ -800,6 +853,9 @@ def main(args: Args) -> dict:
         torch.set_num_threads(args.threads)
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
     device = distributed.init(device)  # torchrun: the process group, this rank's device; only rank 0 prints
+    if distributed.enabled() and args.value_steps > 1:
+        raise ConfigError("--value-steps > 1 is single-process only: the head-only refit is not written for "
+                          "torchrun's sharded value head")
     torch.manual_seed(args.seed)
     random.seed(args.seed)
     pre = preflight(args, device)  # every check that needs no model; nothing is written before it passes
@@ -868,6 +924,8 @@ def main(args: Args) -> dict:
         print(f"resumed from {resume_ckpt} at step {start_step}")
 
     stepper = Stepper(args, policy, value_head, optimizer, scheduler, tokenizer, device, critic=critic)
+    if resume_ckpt is not None:
+        stepper.load_value_buffer(meta["extra_tensors"])
     # a resumed run's metrics.jsonl and TensorBoard events are cut back to the checkpoint's step: no step twice
     logger = MetricsLogger(run_dir, tensorboard=args.tensorboard,
                            resume_step=start_step if resume_ckpt is not None else None) \
@@ -881,7 +939,8 @@ def main(args: Args) -> dict:
     def save(step):
         return checkpoint.save(run_dir, step, policy=policy, critic=critic, tokenizer=tokenizer, value_head=value_head,
                                optimizer=optimizer, scheduler=scheduler, sampler_state=sampler.state_dict(),
-                               extra={"history": history}, keep_last=args.keep_last)
+                               extra={"history": history}, keep_last=args.keep_last,
+                               extra_tensors=stepper.value_buffer_state())
 
     # cumulative work, for learning-efficiency plots (accuracy against sampled tokens / training time; eval excluded)
     counters = history.setdefault("counters", {"rollout/sampled_tokens": 0, "time/train_s": 0.0})

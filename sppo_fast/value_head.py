@@ -9,7 +9,9 @@ Options a calibration study tries (``Args.value_*`` in train.py; measured in ben
     the head's effective step size does not depend on the scale of the residual stream;
   * ``mlp_hidden``: a small MLP (Linear -> GELU -> Linear) instead of one linear layer;
   * the input state: the last prompt token or the mean over prompt tokens (``pool_prompt_states``), from the final
-    layer (after the model's final norm) or from an intermediate decoder layer (``capture_layer``).
+    layer (after the model's final norm) or from an intermediate decoder layer (``capture_layer``);
+  * more fitting per batch (``Args.value_steps``, ``Args.value_replay``): head-only optimizer steps on the detached
+    prompt states of this batch and of earlier ones, which cost no backbone forward.
 """
 import contextlib
 import math

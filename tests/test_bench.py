@@ -132,3 +132,47 @@ def test_gpu_check_budgets_fit_nine_minutes_with_a_margin():
     total = sum(budget for budget, _ in gpu_check.PARTS.values())
     assert total <= 9 * 60 - 30, total
     assert f"= {total} (--time-limit)" in gpu_check.__doc__  # the documented budgets are the real ones
+
+
+def _bench_value_head():
+    sys.path.insert(0, str(BENCH))
+    try:
+        import bench_value_head
+    finally:
+        sys.path.remove(str(BENCH))
+    return bench_value_head
+
+
+@pytest.mark.parametrize("hidden", [0, 16])
+def test_value_head_probe_recovers_a_known_success_rate(hidden):
+    import torch
+
+    from sppo_fast.train import pearson
+
+    bvh = _bench_value_head()
+    torch.manual_seed(0)
+    X = torch.randn(1200, 8, dtype=torch.float64) * torch.linspace(0.1, 10, 8, dtype=torch.float64)  # unscaled
+    p = torch.sigmoid(X @ torch.linspace(-1, 1, 8, dtype=torch.float64) / X.std(0).mean())
+    R = torch.bernoulli(p)
+    f = bvh.fit_probe(X[200:], R[200:], 1e-4, hidden, X[:200], R[:200])
+    assert pearson(f(X[:200]), p[:200]) > 0.95  # the success rate itself, from binary labels alone
+    assert f(X).shape == (1200,) and not f(X).requires_grad
+
+
+def test_value_head_ceiling_and_probe_run_on_a_trained_run(tmp_path):
+    from sppo_fast.cli import build_args
+    from sppo_fast.train import main
+
+    main(build_args(["--steps", "1", "--batch-size", "8", "--eval-size", "8", "--eval-k", "1", "--eval-every", "0",
+                     "--max-new-tokens", "24", "--no-progress", "--threads", "1", "--no-tensorboard",
+                     "--out-dir", str(tmp_path), "--run-name", "r"]))
+    bvh = _bench_value_head()
+    c = bvh.ceiling(tmp_path / "r", k=2)
+    assert c["n_prompts"] == 8 and 0 <= c["mean_R"] <= 1
+    rows = bvh.probe(tmp_path / "r", n_train=20, k_train=2, k_eval=2)
+    # the run's own head, then per layer of the 4-layer tiny model: linear on 16 prompts (the 6,400-sample cut is
+    # all of them here), MLP on 16
+    assert [r["probe"] for r in rows[:3]] == ["the run's own head (trained online)", "logistic regression",
+                                               "MLP 64 hidden"]
+    assert len(rows) == 1 + 4 * 2 and [r["layer"] for r in rows[1::2]] == [0, 1, 2, -1]
+    assert all(r["n_train_prompts"] == 16 for r in rows[1:])

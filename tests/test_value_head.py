@@ -116,3 +116,54 @@ def test_trainer_runs_with_head_options(tmp_path, flags):
     ckpt = checkpoint.list_checkpoints(tmp_path / "r")[-1]
     keys = set(load_file(str(ckpt / "value_head.safetensors")))
     assert ("hidden.0.weight" in keys) == ("--value-mlp-hidden" in flags)
+
+
+def _run(tmp_path, name, *flags):
+    from sppo_fast.cli import build_args
+    from sppo_fast.metrics import read_metrics
+    from sppo_fast.train import main
+
+    main(build_args(["--batch-size", "8", "--eval-size", "8", "--eval-k", "1", "--eval-every", "0",
+                     "--max-new-tokens", "24", "--no-progress", "--threads", "1", "--no-tensorboard",
+                     "--out-dir", str(tmp_path), "--run-name", name, *flags]))
+    return tmp_path / name, [r for r in read_metrics(tmp_path / name) if "losses/policy" in r]
+
+
+def test_value_refit_moves_the_head_and_not_the_policy(tmp_path):
+    from safetensors.torch import load_file
+
+    from sppo_fast import checkpoint
+
+    # one step: the refit comes after the joint step, so the policy must end bitwise the same as without it
+    plain, _ = _run(tmp_path, "plain", "--steps", "1")
+    refit, rows = _run(tmp_path, "refit", "--steps", "1", "--value-steps", "3")
+    last = lambda d, f: load_file(str(checkpoint.list_checkpoints(d)[-1] / f))
+    a, b = last(plain, "policy/model.safetensors"), last(refit, "policy/model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    ha, hb = last(plain, "value_head.safetensors"), last(refit, "value_head.safetensors")
+    assert not torch.equal(ha["linear.weight"], hb["linear.weight"])
+    # the refit steps fit the batch the joint step saw: its loss is below the joint step's (V = 0.5 there)
+    assert rows[0]["losses/value_refit"] < rows[0]["losses/value"]
+
+
+def test_value_replay_buffer_resumes_exactly(tmp_path):
+    flags = ["--value-steps", "2", "--value-replay", "2", "--save-every", "0"]
+    _, full = _run(tmp_path, "full", "--steps", "3", *flags)
+    part, _ = _run(tmp_path, "part", "--steps", "2", *flags)
+    _, resumed = _run(tmp_path, "part", "--steps", "3", "--resume", str(part), *flags)
+    a, b = full[-1], resumed[-1]
+    assert a["step"] == b["step"] == 3
+    # step 3's refit fits batches 1-3: equal only if the checkpoint carried batches 1-2's prompt states
+    for key in ("losses/value", "losses/value_refit", "losses/policy", "reward/mean"):
+        assert a[key] == b[key], (key, a[key], b[key])
+
+
+@pytest.mark.parametrize("flags,match", [(["--algo", "grpo", "--value-steps", "2"], "--value-steps/--value-replay"),
+                                         (["--critic", "policy", "--value-steps", "2"], "without --critic"),
+                                         (["--value-replay", "2"], "give --value-steps 2 or more")])
+def test_value_refit_flags_are_checked(flags, match):
+    from sppo_fast.cli import build_args
+    from sppo_fast.train import ConfigError, check_args
+
+    with pytest.raises(ConfigError, match=match):
+        check_args(build_args(flags))
