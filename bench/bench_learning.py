@@ -575,6 +575,44 @@ def plot_horizons(jsonl_paths, path) -> None:
     plt.close(fig)
 
 
+def horizon_table(jsonl_paths, path) -> None:
+    """One markdown table over horizons from finished benchmark JSONLs: per horizon and algorithm, the chosen
+    configuration's final accuracy, the sampled tokens (as a fraction of GRPO G=8's) and training seconds to GRPO
+    G=8's final accuracy minus the margin, and the critic's Pearson(V, R); then the issue's two tests per horizon."""
+    L = ["| horizon | mean response tokens | algorithm | lr (critic) | pass@1 % | avg@k % | tokens to pass@1 / avg@k thr "
+         "(× G=8's) | train s to pass@1 thr | V–R Pearson eval / train | step s |", "|" + "---|" * 10]
+    tests = []
+    for f in (Path(p) for p in jsonl_paths):
+        rows = [json.loads(line) for line in f.read_text().splitlines() if line.strip()]
+        env = next(r for r in rows if r["kind"] == "env")
+        runs = {r["key"]: r for r in rows if r["kind"] == "run"}
+        summ = {r["algo"]: r for r in rows if r["kind"] == "summary"}
+        verdict = next((r for r in rows if r["kind"] == "verdict"), None)
+        h = env.get("horizon", 20)
+        g8 = summ["grpo8"]["final_tokens"] if "grpo8" in summ else None
+        for a, s in summ.items():
+            resp = _mean([runs[k]["evals"][-1]["response_len"] for k in s["runs"]])
+            frac = lambda y: fmt(s.get(f"tokens_to_threshold_{y}") / g8 if g8 and s.get(f"tokens_to_threshold_{y}")
+                                 is not None else None, ".2f", "never")
+            crit = f" ({s['value_lr']:.3g})" if ALGOS[a][3] else ""
+            L.append(f"| {h} | {fmt(resp, '.0f')} | {s['label']} | {s['lr']:.3g}{crit} | "
+                     f"{pct(s['final_pass1'], s['final_pass1_std'])} | {pct(s['final_avgk'], s['final_avgk_std'])} | "
+                     f"{frac('pass1')} / {frac('avgk')} | "
+                     f"{fmt(s.get('train_s_to_threshold_pass1'), '.0f', 'never')} | "
+                     f"{fmt(s['eval_value_pearson'], '.2f')} / {fmt(s['train_value_pearson'], '.2f')} | "
+                     f"{fmt(s['step_s'], '.2f')} |")
+        if verdict:
+            ppo = [f"{summ[p]['label']}: pass@1 {'won' if verdict[f'beats_{p}_pass1'] else 'lost'}, avg@k "
+                   f"{'won' if verdict[f'beats_{p}_avgk'] else 'lost'}" for p in ("ppo", "ppo_l1")
+                   if f"beats_{p}_pass1" in verdict]
+            tests.append(f"- horizon {h}: SPPO within {100 * verdict['margin']:.0f} points of GRPO G=8 with ≤ 1/4 of its "
+                         f"tokens: pass@1 {'met' if verdict['met_pass1'] else 'not met'} "
+                         f"({fmt(verdict['sppo_token_fraction_pass1'], '.2f', 'never')}), avg@k "
+                         f"{'met' if verdict['met_avgk'] else 'not met'} "
+                         f"({fmt(verdict['sppo_token_fraction_avgk'], '.2f', 'never')}). vs " + "; ".join(ppo) + ".")
+    Path(path).write_text("\n".join(L + [""] + tests) + "\n")
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 def parse(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
@@ -615,7 +653,7 @@ def parse(argv=None):
                                                             "--estimate-steps steps + 2 evals per algorithm, seed 0")
     ap.add_argument("--estimate-steps", type=int, default=4)
     ap.add_argument("--plot-horizons", default="", help="comma list of finished benchmark JSONLs (one per horizon): "
-                                                        "draw accuracy vs sampled tokens per horizon to --out .png")
+                                                        "draw accuracy vs sampled tokens per horizon to --out .png and a table to .md")
     ap.add_argument("--_worker", default=None, help=argparse.SUPPRESS)
     o = ap.parse_args(argv)
     if o.quick:
@@ -752,7 +790,8 @@ def main(argv=None) -> int:
     if o.plot_horizons:
         out = Path(o.out or RESULTS / f"horizon-cpu-{datetime.date.today().isoformat()}").with_suffix(".png")
         plot_horizons(o.plot_horizons.split(","), out)
-        print(f"wrote {out}")
+        horizon_table(o.plot_horizons.split(","), out.with_suffix(".md"))
+        print(f"wrote {out} and {out.with_suffix('.md')}")
         return 0
     from sppo_fast.cli import PRESETS, load_yaml
     from sppo_fast.tiny import default_model_path

@@ -42,6 +42,12 @@ def test_bench_learning_quick(tmp_path):
     # resumable: a rerun with the same prefix reuses the finished runs instead of training again
     proc = run_script("bench_learning.py", tmp_path, "--out", str(prefix), timeout=120)
     assert "resuming: 2 finished runs" in proc.stdout and " start " not in proc.stdout
+    # the per-horizon figure and table read finished JSONLs
+    run_script("bench_learning.py", tmp_path, "--plot-horizons", str(prefix) + ".jsonl", "--out", str(tmp_path / "h"),
+               timeout=120)
+    table = (tmp_path / "h.md").read_text()
+    assert "| 20 | " in table and "| SPPO (shared head) |" in table and "| GRPO G=4 |" in table
+    assert (tmp_path / "h.png").stat().st_size > 10_000
 
 
 def test_bench_learning_quick_refuses_results_dir(tmp_path):
