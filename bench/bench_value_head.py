@@ -17,6 +17,14 @@ run's final checkpoint, estimates Var p without bias (Var(p_hat) - mean(p_hat (1
 that ceiling beside the run's head: Pearson(V, R) on the same samples and the head's noise-corrected correlation
 with p itself.
 
+    python bench/bench_value_head.py --probe RUN_DIR --out probe.jsonl   # what the features allow, fitted offline
+
+Probe: is the online head limited by its input features or by how it is trained? The run's final policy samples
+--probe-k responses for each of --probe-train train prompts; per decoder layer, heads are fitted offline to those
+(standardised features, L2 chosen on a held-out fifth of the prompts): logistic regression on 6,400 samples (what
+the demo's head sees in 100 steps) and on all, and a 64-wide MLP on all. Each is scored like the run's own head:
+Pearson(V, R) over --ceiling-k samples per held-out eval prompt.
+
 Metrics: eval Pearson = Pearson of V(prompt) with the reward of each of the k=4 samples per held-out prompt at the
 final eval (256 prompts, `eval/value_pearson`); train Pearson = mean over the last 10 training steps of Pearson(V, R)
 on the step's 64 rollouts; pass@1 = greedy held-out accuracy, avg@4 = mean sampled accuracy.
