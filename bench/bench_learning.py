@@ -335,8 +335,9 @@ def summarize(opts, planner, done):
                    "eval_value_pearson": _mean([r["final_value_pearson"] for r in rows]),
                    "train_value_pearson": _mean([r["train_value_pearson_last10"] for r in rows]),
                    "runs": [r["key"] for r in rows]}
-    # accuracy at equal sampled tokens: the smallest final budget among the algorithms
-    t_eq = min(s["final_tokens"] for s in summ.values())
+    # accuracy at equal sampled tokens: the smallest final budget of any run, so that every seed of every algorithm
+    # has a value there (a seed-mean budget would drop the seeds that sampled fewer tokens)
+    t_eq = min(r["final_tokens"] for rows in best.values() for r in rows)
     ref = "grpo8" if "grpo8" in summ else None
     for a, rows in best.items():
         s = summ[a]
