@@ -611,6 +611,11 @@ def horizon_table(jsonl_paths, path) -> None:
                          f"({fmt(verdict['sppo_token_fraction_pass1'], '.2f', 'never')}), avg@k "
                          f"{'met' if verdict['met_avgk'] else 'not met'} "
                          f"({fmt(verdict['sppo_token_fraction_avgk'], '.2f', 'never')}). vs " + "; ".join(ppo) + ".")
+            low = [y for y in ("pass1", "avgk") if "sppo" in summ and "grpo8" in summ
+                   and summ["grpo8"][f"threshold_{y}"] <= summ["sppo"][f"start_{y}"]]
+            if low:  # G=8 gained less than the margin: any run "reaches" the threshold at its first eval
+                tests.append(f"  Degenerate for {' and '.join('pass@1' if y == 'pass1' else 'avg@k' for y in low)}: "
+                             f"the threshold is at or below the start accuracy, so the test says nothing.")
     Path(path).write_text("\n".join(L + [""] + tests) + "\n")
 
 
@@ -789,7 +794,7 @@ def main(argv=None) -> int:
     if o._worker:
         return worker(o._worker)
     if o.plot_horizons:
-        out = Path(o.out or RESULTS / f"horizon-cpu-{datetime.date.today().isoformat()}").with_suffix(".png")
+        out = Path(o.out or RESULTS / f"horizons-cpu-{datetime.date.today().isoformat()}").with_suffix(".png")
         plot_horizons(o.plot_horizons.split(","), out)
         horizon_table(o.plot_horizons.split(","), out.with_suffix(".md"))
         print(f"wrote {out} and {out.with_suffix('.md')}")
