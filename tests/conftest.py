@@ -32,3 +32,17 @@ def assert_error_within(name, actual, baseline, truth, eps, show=5):
         lines.append(f"  at {index}: actual {actual.flatten()[flat].item():.8g}, "
                      f"truth {truth.flatten()[flat].item():.8g}, baseline {baseline.flatten()[flat].item():.8g}")
     raise AssertionError("\n".join(lines))
+
+
+# A few seconds of the trainer on the embedded tiny model: 8 prompts a step, an 8-prompt eval at the start and end.
+TINY_RUN = ["--batch-size", "8", "--eval-size", "8", "--eval-k", "1", "--eval-every", "0", "--max-new-tokens", "24",
+            "--no-progress", "--threads", "1", "--no-tensorboard"]
+
+
+def train_tiny(tmp_path, name, *flags):
+    """sppo_fast.train.main on TINY_RUN + flags (later flags win) into tmp_path/name -> (result, run dir)."""
+    from sppo_fast.cli import build_args
+    from sppo_fast.train import main
+
+    result = main(build_args([*TINY_RUN, "--out-dir", str(tmp_path), "--run-name", name, *flags]))
+    return result, tmp_path / name

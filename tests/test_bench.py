@@ -166,12 +166,9 @@ def test_value_head_probe_recovers_a_known_success_rate(hidden):
 
 
 def test_value_head_ceiling_and_probe_run_on_a_trained_run(tmp_path):
-    from sppo_fast.cli import build_args
-    from sppo_fast.train import main
+    from conftest import train_tiny
 
-    main(build_args(["--steps", "1", "--batch-size", "8", "--eval-size", "8", "--eval-k", "1", "--eval-every", "0",
-                     "--max-new-tokens", "24", "--no-progress", "--threads", "1", "--no-tensorboard",
-                     "--out-dir", str(tmp_path), "--run-name", "r"]))
+    train_tiny(tmp_path, "r", "--steps", "1")
     bvh = _bench_value_head()
     c = bvh.ceiling(tmp_path / "r", k=2)
     assert c["n_prompts"] == 8 and 0 <= c["mean_R"] <= 1

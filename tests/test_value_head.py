@@ -4,6 +4,7 @@ import math
 import pytest
 import torch
 
+from conftest import train_tiny
 from sppo_fast.value_head import ValueHead, capture_layer, flat_states, pool_prompt_states
 
 
@@ -105,13 +106,8 @@ def test_trainer_runs_with_head_options(tmp_path, flags):
     from safetensors.torch import load_file
 
     from sppo_fast import checkpoint
-    from sppo_fast.cli import build_args
-    from sppo_fast.train import main
 
-    args = build_args(["--steps", "2", "--batch-size", "8", "--eval-size", "8", "--eval-k", "2", "--eval-every", "0",
-                       "--max-new-tokens", "24", "--no-progress", "--threads", "1", "--no-tensorboard",
-                       "--out-dir", str(tmp_path), "--run-name", "r", *flags])
-    result = main(args)
+    result, _ = train_tiny(tmp_path, "r", "--steps", "2", "--eval-k", "2", *flags)
     assert math.isfinite(result["end"]["eval/value_mean"])
     ckpt = checkpoint.list_checkpoints(tmp_path / "r")[-1]
     keys = set(load_file(str(ckpt / "value_head.safetensors")))
@@ -119,14 +115,11 @@ def test_trainer_runs_with_head_options(tmp_path, flags):
 
 
 def _run(tmp_path, name, *flags):
-    from sppo_fast.cli import build_args
+    """(run dir, the training steps' metric rows) of a tiny run."""
     from sppo_fast.metrics import read_metrics
-    from sppo_fast.train import main
 
-    main(build_args(["--batch-size", "8", "--eval-size", "8", "--eval-k", "1", "--eval-every", "0",
-                     "--max-new-tokens", "24", "--no-progress", "--threads", "1", "--no-tensorboard",
-                     "--out-dir", str(tmp_path), "--run-name", name, *flags]))
-    return tmp_path / name, [r for r in read_metrics(tmp_path / name) if "losses/policy" in r]
+    _, run_dir = train_tiny(tmp_path, name, *flags)
+    return run_dir, [r for r in read_metrics(run_dir) if "losses/policy" in r]
 
 
 def test_value_refit_moves_the_head_and_not_the_policy(tmp_path):
