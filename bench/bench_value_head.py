@@ -64,6 +64,15 @@ VARIANTS = {  # name: (what it changes, trainer flags)
                         ["--value-steps", "8", "--value-replay", "16"]),
     "mlp64_steps8_replay8": ("MLP head (64 hidden), 8 value steps per batch over this and the 8 previous batches",
                              ["--value-mlp-hidden", "64", "--value-steps", "8", "--value-replay", "8"]),
+    "mlp64_steps8_replay16": ("MLP head (64 hidden), 8 value steps per batch over this and the 16 previous batches",
+                              ["--value-mlp-hidden", "64", "--value-steps", "8", "--value-replay", "16"]),
+    "layer1_ln_steps8_replay16": ("layer 1 of 4, LayerNorm, 8 value steps per batch over this and the 16 previous "
+                                  "batches", ["--value-layer", "0", "--value-norm", "layernorm", "--value-steps", "8",
+                                              "--value-replay", "16"]),
+    "layer1_ln_mlp64_steps8_replay16": ("layer 1 of 4, LayerNorm, MLP head (64 hidden), 8 value steps per batch over "
+                                        "this and the 16 previous batches",
+                                        ["--value-layer", "0", "--value-norm", "layernorm", "--value-mlp-hidden", "64",
+                                         "--value-steps", "8", "--value-replay", "16"]),
 }
 DEFAULT_VARIANTS = "base,layernorm,mean,mlp64,layer2,layer2_ln,layer1_ln,vlr3e-3,vlr3e-2"
 
