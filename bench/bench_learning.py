@@ -314,6 +314,14 @@ def first_reach(curve, threshold):
     return None
 
 
+def quarter_gap(sppo_rows, g8_tokens, threshold, y):
+    """How far SPPO is from the threshold within the target's budget (1/4 of GRPO G=8's tokens): its seed-mean
+    accuracy at that budget (or at its last eval, when its run is shorter) and that accuracy minus the threshold."""
+    c = mean_curve(sppo_rows, "tokens", y)
+    acc = interp(c, min(g8_tokens / 4, c[-1][0]))
+    return acc, acc - threshold
+
+
 def summarize(opts, planner, done):
     best = {a: [done[s["key"]] for s in planner.best(a, done)] for a in opts.algos}
     summ = {}
@@ -359,10 +367,14 @@ def summarize(opts, planner, done):
             verdict[f"sppo_tokens_to_threshold_{y}"] = t
             verdict[f"sppo_token_fraction_{y}"] = t / g["final_tokens"] if t is not None else None
             verdict[f"met_{y}"] = t is not None and t <= g["final_tokens"] / 4
+            # by how much: a missed target is reported with its gap, not just "never"
+            verdict[f"sppo_at_quarter_{y}"], verdict[f"sppo_gap_at_quarter_{y}"] = quarter_gap(
+                best["sppo"], g["final_tokens"], s[f"threshold_{y}"], y)
         for ppo in ("ppo", "ppo_l1"):
             if ppo in summ:
                 for y in ("pass1", "avgk"):
                     verdict[f"beats_{ppo}_{y}"] = s[f"final_{y}"] > summ[ppo][f"final_{y}"]
+                    verdict[f"sppo_minus_{ppo}_{y}"] = s[f"final_{y}"] - summ[ppo][f"final_{y}"]
     return summ, verdict, best
 
 
@@ -442,7 +454,9 @@ def write_markdown(path, opts, env, preset, done, summ, verdict, png_name, faile
             t, fr = verdict[f"sppo_tokens_to_threshold_{y}"], verdict[f"sppo_token_fraction_{y}"]
             L.append(f"- {name}: SPPO {'reaches' if t is not None else 'does not reach'} the threshold"
                      + (f" at {t:,.0f} tokens = {fr:.2f} of GRPO G=8's {verdict['grpo8_final_tokens']:,.0f}" if t is not None else "")
-                     + f" → **{'met' if verdict[f'met_{y}'] else 'not met'}**.")
+                     + f" → **{'met' if verdict[f'met_{y}'] else 'not met'}**; within 1/4 of G=8's tokens it is at "
+                     f"{pct(verdict[f'sppo_at_quarter_{y}'])} %, {100 * verdict[f'sppo_gap_at_quarter_{y}']:+.1f} points "
+                     f"from the threshold.")
         fr = lambda a, y: (summ[a].get(f"tokens_to_threshold_{y}") / verdict["grpo8_final_tokens"]
                            if summ[a].get(f"tokens_to_threshold_{y}") is not None else None)
         L.append("- The same test for every algorithm (fraction of GRPO G=8's tokens needed to reach the threshold, "
@@ -465,8 +479,10 @@ def write_markdown(path, opts, env, preset, done, summ, verdict, png_name, faile
             if f"beats_{ppo}_pass1" in verdict:
                 name = summ[ppo]["label"]
                 L.append(f"- vs {name} (final, mean over seeds): pass@1 "
-                         f"{'beats' if verdict[f'beats_{ppo}_pass1'] else 'does not beat'} it, avg@{k} "
-                         f"{'beats' if verdict[f'beats_{ppo}_avgk'] else 'does not beat'} it.")
+                         f"{'beats' if verdict[f'beats_{ppo}_pass1'] else 'does not beat'} it "
+                         f"({100 * verdict[f'sppo_minus_{ppo}_pass1']:+.1f} points), avg@{k} "
+                         f"{'beats' if verdict[f'beats_{ppo}_avgk'] else 'does not beat'} it "
+                         f"({100 * verdict[f'sppo_minus_{ppo}_avgk']:+.1f}).")
         L.append("")
     L.append("## Learning-rate sweep (seed %d, final eval)\n" % opts.seeds[0])
     L.append(f"| algorithm | lr | critic lr | pass@1 % | avg@{k} % | score | train s |")
@@ -603,14 +619,20 @@ def horizon_table(jsonl_paths, path) -> None:
                      f"{fmt(s['eval_value_pearson'], '.2f')} / {fmt(s['train_value_pearson'], '.2f')} | "
                      f"{fmt(s['step_s'], '.2f')} |")
         if verdict:
-            ppo = [f"{summ[p]['label']}: pass@1 {'won' if verdict[f'beats_{p}_pass1'] else 'lost'}, avg@k "
-                   f"{'won' if verdict[f'beats_{p}_avgk'] else 'lost'}" for p in ("ppo", "ppo_l1")
-                   if f"beats_{p}_pass1" in verdict]
+            sp = summ["sppo"]
+            diff = lambda p, y: f"{100 * (sp[f'final_{y}'] - summ[p][f'final_{y}']):+.1f}"
+            ppo = [f"{summ[p]['label']}: pass@1 {'won' if verdict[f'beats_{p}_pass1'] else 'lost'} ({diff(p, 'pass1')}), "
+                   f"avg@k {'won' if verdict[f'beats_{p}_avgk'] else 'lost'} ({diff(p, 'avgk')})"
+                   for p in ("ppo", "ppo_l1") if f"beats_{p}_pass1" in verdict]
+
+            def test(y):
+                acc, gap = quarter_gap([runs[k] for k in sp["runs"]], g8, summ["grpo8"][f"threshold_{y}"], y)
+                return (f"{'met' if verdict[f'met_{y}'] else 'not met'} "
+                        f"({fmt(verdict[f'sppo_token_fraction_{y}'], '.2f', 'never')}; at 1/4 of the tokens "
+                        f"{pct(acc)} % vs threshold {pct(summ['grpo8'][f'threshold_{y}'])} %, {100 * gap:+.1f} points)")
             tests.append(f"- horizon {h}: SPPO within {100 * verdict['margin']:.0f} points of GRPO G=8 with ≤ 1/4 of its "
-                         f"tokens: pass@1 {'met' if verdict['met_pass1'] else 'not met'} "
-                         f"({fmt(verdict['sppo_token_fraction_pass1'], '.2f', 'never')}), avg@k "
-                         f"{'met' if verdict['met_avgk'] else 'not met'} "
-                         f"({fmt(verdict['sppo_token_fraction_avgk'], '.2f', 'never')}). vs " + "; ".join(ppo) + ".")
+                         f"tokens: pass@1 {test('pass1')}, avg@k {test('avgk')}. SPPO's final minus PPO's: "
+                         + "; ".join(ppo) + ".")
             low = [y for y in ("pass1", "avgk") if "sppo" in summ and "grpo8" in summ
                    and summ["grpo8"][f"threshold_{y}"] <= summ["sppo"][f"start_{y}"]]
             if low:  # G=8 gained less than the margin: any run "reaches" the threshold at its first eval

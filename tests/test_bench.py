@@ -179,3 +179,52 @@ def test_value_head_ceiling_and_probe_run_on_a_trained_run(tmp_path):
                                                "MLP 64 hidden"]
     assert len(rows) == 1 + 4 * 2 and [r["layer"] for r in rows[1::2]] == [0, 1, 2, -1]
     assert all(r["n_train_prompts"] == 16 for r in rows[1:])
+
+
+def _bench_learning():
+    sys.path.insert(0, str(BENCH))
+    try:
+        import bench_learning
+    finally:
+        sys.path.remove(str(BENCH))
+    return bench_learning
+
+
+def test_bench_learning_reports_how_far_a_missed_target_is(tmp_path):
+    """Issue 14: a missed token target says by how much. SPPO's accuracy at 1/4 of GRPO G=8's tokens (or at its last
+    eval when its run is shorter) minus G=8's final − margin, and SPPO's final minus PPO's, in the horizon table."""
+    bl = _bench_learning()
+
+    def run(key, algo, points):
+        evals = [{"step": i, "tokens": t, "train_s": t / 10, "pass1": p, "avgk": p - 0.05, "response_len": 150}
+                 for i, (t, p) in enumerate(points)]
+        return {"kind": "run", "key": key, "algo": algo, "evals": evals}
+
+    sppo = run("s", "sppo", [(0, 0.40), (100, 0.60), (250, 0.70)])
+    acc, gap = bl.quarter_gap([sppo], 800, 0.73, "pass1")  # 1/4 of 800 = 200: between the last two evals
+    assert acc == pytest.approx(0.6 + 0.1 * 100 / 150) and gap == pytest.approx(acc - 0.73)
+    acc, gap = bl.quarter_gap([sppo], 2000, 0.73, "pass1")  # SPPO's run ends before 1/4 of G=8's: its last eval
+    assert acc == pytest.approx(0.70) and gap == pytest.approx(-0.03)
+
+    g8 = run("g", "grpo8", [(0, 0.40), (1000, 0.75)])
+    ppo = run("p", "ppo", [(0, 0.40), (250, 0.66)])
+
+    def summ(r, algo, label, value_lr=0.0):
+        return {"kind": "summary", "algo": algo, "label": label, "runs": [r["key"]], "lr": 3e-5, "value_lr": value_lr,
+                "final_pass1": r["evals"][-1]["pass1"], "final_pass1_std": 0.0, "final_avgk": r["evals"][-1]["avgk"],
+                "final_avgk_std": 0.0, "final_tokens": r["evals"][-1]["tokens"], "start_pass1": 0.40,
+                "start_avgk": 0.35, "threshold_pass1": 0.73, "threshold_avgk": 0.68, "step_s": 1.0,
+                "eval_value_pearson": 0.3, "train_value_pearson": 0.3}
+    verdict = {"kind": "verdict", "margin": 0.02, "met_pass1": False, "met_avgk": False,
+               "sppo_token_fraction_pass1": None, "sppo_token_fraction_avgk": None,
+               "beats_ppo_pass1": True, "beats_ppo_avgk": True}
+    rows = [{"kind": "env", "horizon": 150}, sppo, g8, ppo, summ(sppo, "sppo", "SPPO (shared head)"),
+            summ(g8, "grpo8", "GRPO G=8"), summ(ppo, "ppo", "PPO (critic LLM, GAE λ=0.95)", 3e-5), verdict]
+    f = tmp_path / "h150.jsonl"
+    f.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    bl.horizon_table([str(f)], tmp_path / "t.md")
+    text = (tmp_path / "t.md").read_text()
+    # 1/4 of 1000 tokens = 250 = SPPO's last eval: 70.0 % against a 73.0 % threshold
+    assert "pass@1 not met (never; at 1/4 of the tokens 70.0 % vs threshold 73.0 %, -3.0 points)" in text
+    assert "avg@k not met (never; at 1/4 of the tokens 65.0 % vs threshold 68.0 %, -3.0 points)" in text
+    assert "PPO (critic LLM, GAE λ=0.95): pass@1 won (+4.0), avg@k won (+4.0)" in text
