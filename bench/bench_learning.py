@@ -400,8 +400,10 @@ def write_markdown(path, opts, env, preset, done, summ, verdict, png_name, faile
     L.append(f"Machine: {env['cpu']}, {env['usable_cores']} usable cores (shared with other jobs; 1-min load "
              f"{fmt(env['load_avg_1m'], '.1f')} at start), torch {env['torch']}, transformers {env['transformers']}, "
              f"git {env['git_sha']}{' (dirty tree)' if env['git_dirty'] else ''}. {len(done)} runs, {opts.workers} at a "
-             f"time, 1 torch thread each; the full run took {total_wall / 60:.1f} min of wall-clock "
-             f"({len(env['wall_s_invocations'])} invocation(s) of the resumable script).\n")
+             f"time, 1 torch thread each; {total_wall / 60:.1f} min of wall-clock over "
+             f"{len(env['wall_s_invocations'])} recorded invocation(s) of the resumable script (invocations killed "
+             f"before they finished are not counted), {sum(r['wall_s'] for r in done.values()) / 3600:.2f} "
+             f"process-hours in the finished runs.\n")
     L.append(f"Task: horizon {opts.horizon} (responses of ~{opts.horizon} tokens), tiny model "
              f"({opts.model or 'sppo_fast/assets/tiny'}), synthetic addition chains {opts.task}, "
              f"held-out set of {opts.eval_size} prompts. Every algorithm samples {opts.batch} responses per step; "
