@@ -140,13 +140,15 @@ def test_gpu_check_budgets_fit_nine_minutes_with_a_margin():
     assert f"= {total} (--time-limit)" in gpu_check.__doc__  # the documented budgets are the real ones
 
 
-def _bench_value_head():
+def _bench_module(name):
+    """Import a bench/ script as a module (its own `from utils import ...` needs bench/ on the path)."""
+    import importlib
+
     sys.path.insert(0, str(BENCH))
     try:
-        import bench_value_head
+        return importlib.import_module(name)
     finally:
         sys.path.remove(str(BENCH))
-    return bench_value_head
 
 
 @pytest.mark.parametrize("hidden", [0, 16])
@@ -155,7 +157,7 @@ def test_value_head_probe_recovers_a_known_success_rate(hidden):
 
     from sppo_fast.train import pearson
 
-    bvh = _bench_value_head()
+    bvh = _bench_module("bench_value_head")
     torch.manual_seed(0)
     X = torch.randn(1200, 8, dtype=torch.float64) * torch.linspace(0.1, 10, 8, dtype=torch.float64)  # unscaled
     p = torch.sigmoid(X @ torch.linspace(-1, 1, 8, dtype=torch.float64) / X.std(0).mean())
@@ -169,7 +171,7 @@ def test_value_head_ceiling_and_probe_run_on_a_trained_run(tmp_path):
     from conftest import train_tiny
 
     train_tiny(tmp_path, "r", "--steps", "1")
-    bvh = _bench_value_head()
+    bvh = _bench_module("bench_value_head")
     c = bvh.ceiling(tmp_path / "r", k=2)
     assert c["n_prompts"] == 8 and 0 <= c["mean_R"] <= 1
     rows = bvh.probe(tmp_path / "r", n_train=20, k_train=2, k_eval=2)
@@ -181,19 +183,10 @@ def test_value_head_ceiling_and_probe_run_on_a_trained_run(tmp_path):
     assert all(r["n_train_prompts"] == 16 for r in rows[1:])
 
 
-def _bench_learning():
-    sys.path.insert(0, str(BENCH))
-    try:
-        import bench_learning
-    finally:
-        sys.path.remove(str(BENCH))
-    return bench_learning
-
-
 def test_bench_learning_reports_how_far_a_missed_target_is(tmp_path):
     """Issue 14: a missed token target says by how much. SPPO's accuracy at 1/4 of GRPO G=8's tokens (or at its last
     eval when its run is shorter) minus G=8's final − margin, and SPPO's final minus PPO's, in the horizon table."""
-    bl = _bench_learning()
+    bl = _bench_module("bench_learning")
 
     def run(key, algo, points):
         evals = [{"step": i, "tokens": t, "train_s": t / 10, "pass1": p, "avgk": p - 0.05, "response_len": 150}
