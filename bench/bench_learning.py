@@ -402,7 +402,7 @@ def write_markdown(path, opts, env, preset, done, summ, verdict, png_name, faile
              f"git {env['git_sha']}{' (dirty tree)' if env['git_dirty'] else ''}. {len(done)} runs, {opts.workers} at a "
              f"time, 1 torch thread each; {total_wall / 60:.1f} min of wall-clock over "
              f"{len(env['wall_s_invocations'])} recorded invocation(s) of the resumable script (invocations killed "
-             f"before they finished are not counted), {sum(r['wall_s'] for r in done.values()) / 3600:.2f} "
+             f"before they finished are not counted), {env['wall_s_all_runs'] / 3600:.2f} "
              f"process-hours in the finished runs.\n")
     L.append(f"Task: horizon {opts.horizon} (responses of ~{opts.horizon} tokens), tiny model "
              f"({opts.model or 'sppo_fast/assets/tiny'}), synthetic addition chains {opts.task}, "
