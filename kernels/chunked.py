@@ -18,7 +18,7 @@ Three entry points, used by logprobs.py and ppo_loss.py:
 - `ppo_fwd_with_grads`: the token-ratio PPO loss with its gradient in the forward: GEMMs 1-3, nothing afterwards.
 
 Memory held (bytes; N rows, H hidden, V vocab, C chunk rows):
-- the chunk: C * V * 4 for fp32 Z, plus C * V * 2 for a separate 16-bit dZ on CUDA, plus C * V * 4 for the
+- the chunk: C * V * 4 for fp32 Z, plus C * V * 2 for a separate 16-bit dZ on CUDA when gradients are formed, plus C * V * 4 for the
   torch row pass's exp buffer (and C * V * 4 more with softcap). C = chunk_bytes // (those bytes per row).
 - dW: a V x H fp32 accumulator when dW is wanted. For fp32 weights (including an fp32 master weight passed with
   16-bit hidden states) it is returned as the gradient itself; 16-bit weights get it cast once at the end.
@@ -34,6 +34,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._utils import tanh as _tanh
+
 # Default chunk budgets. CUDA: big enough that each GEMM keeps cuBLAS near peak (C ~ 640 rows of bf16 at V = 128k;
 # not yet measured) and small next to the V x H fp32 dW accumulator. CPU: small chunks lose to the dW GEMM, which
 # reads and writes the whole V x H accumulator once per chunk: on the shared 2-core machine, PPO fwd+bwd at N=2048,
@@ -42,17 +44,20 @@ DEFAULT_CHUNK_BYTES = {"cuda": 512 << 20, "cpu": 128 << 20}
 _CPU_CONVERT_BYTES = 16 << 20  # fp32 V-block of a 16-bit weight converted at a time on CPU
 _ROW_BLOCK_V_GPU = 2048
 _ROW_BLOCK_V_CPU = 128  # the interpreter runs tile ops in numpy: small blocks, and still several per row in tests
+_ROW_NUM_WARPS_GPU = 8  # 8 warps x 32 lanes stream a 2048-wide block as 8 elements per thread
+_ROW_NUM_WARPS_CPU = 1  # the interpreter ignores warps
 
 
 def default_chunk_bytes(device: torch.device) -> int:
     return DEFAULT_CHUNK_BYTES["cuda" if device.type == "cuda" else "cpu"]
 
 
-def chunk_rows(n: int, v: int, dz_dtype: torch.dtype, device: torch.device, chunk_bytes: int, triton_rows: bool,
+def chunk_rows(n: int, v: int, dz_dtype: torch.dtype | None, chunk_bytes: int, triton_rows: bool,
                softcap: bool) -> int:
-    """Rows per chunk from the byte budget: what one row of the chunk costs in scratch memory."""
-    per_row = 4 * v  # fp32 Z, overwritten by dZ in place
-    if dz_dtype != torch.float32:
+    """Rows per chunk from the byte budget: what one row of the chunk costs in scratch memory. dz_dtype: the dtype
+    the GEMMs take dZ in, or None when no gradient is computed (forward only)."""
+    per_row = 4 * v  # fp32 Z (the fp32 dZ, when there is one, overwrites it or the exp buffer in place)
+    if dz_dtype is not None and dz_dtype != torch.float32:
         per_row += 2 * v  # a separate 16-bit dZ (see _Loop)
     if not triton_rows:
         per_row += 4 * v * (2 if softcap else 1)  # torch row pass: exp buffer (+ tanh buffer)
@@ -179,14 +184,6 @@ class _Gemms:
 
 # ------------------------------------------------------------------------------------------------------------------
 # Triton row pass
-@triton.jit
-def _tanh(x):
-    # exp(-2|x|) <= 1 never overflows (tl has no tanh that runs in the interpreter)
-    e = tl.exp(-2.0 * tl.abs(x))
-    t = (1.0 - e) / (1.0 + e)
-    return tl.where(x < 0, -t, t)
-
-
 @triton.jit(do_not_specialize=["row_start", "V", "ignore_index"])
 def _row_pass_kernel(
     Z, DZ, TARGETS, OLD, ADV, WEIGHT_TOK, G_ENT, HP, G_LOGP, LSE, MEAN_Z, LOGP, ENTROPY,
@@ -322,7 +319,7 @@ def _launch_rows(z, dz, row_start, targets, ignore_index, inv_t, softcap, *, mod
             row_start, v, inv_t, 1.0 if softcap is None else softcap, ignore_index,
             MODE=mode, HAS_SOFTCAP=softcap is not None, HAS_ENTROPY=has_entropy, ENT_GRAD=ent_grad,
             ON_POLICY=on_policy, HAS_DUAL=has_dual, WRITE_GRAD=write_grad, BLOCK_V=block_v,
-            num_warps=8 if z.is_cuda else 1,
+            num_warps=_ROW_NUM_WARPS_GPU if z.is_cuda else _ROW_NUM_WARPS_CPU,
         )
 
 
@@ -416,22 +413,26 @@ def torch_token_pg_grad(logp, old, adv, w, hp, on_policy, has_dual):
 # ------------------------------------------------------------------------------------------------------------------
 # chunk loops
 class _Loop:
-    """Buffers and the per-chunk GEMM 1 shared by the three entry points."""
+    """Buffers and the per-chunk GEMM 1 shared by the three entry points. write_grad: whether dZ is formed (and
+    GEMMs 2-3 run); the forward-only pass allocates no dZ buffer."""
 
-    def __init__(self, hidden, weight, targets, ignore_index, softcap, chunk_bytes, triton_rows):
+    def __init__(self, hidden, weight, targets, ignore_index, softcap, chunk_bytes, triton_rows, write_grad):
         self.hidden, self.weight, self.targets, self.ignore_index = hidden, weight, targets, ignore_index
         self.n, self.v = hidden.shape[0], weight.shape[0]
         self.triton_rows = triton_rows
         self.gemm = _Gemms(weight, hidden.dtype)
-        self.rows = chunk_rows(self.n, self.v, self.gemm.dz_dtype, hidden.device, chunk_bytes, triton_rows,
-                               softcap is not None)
+        dz_dtype = self.gemm.dz_dtype if write_grad else None
+        self.rows = chunk_rows(self.n, self.v, dz_dtype, chunk_bytes, triton_rows, softcap is not None)
         f32 = dict(device=hidden.device, dtype=torch.float32)
         c = min(self.rows, max(self.n, 1))
         self.z = torch.empty((c, self.v), **f32)
-        # With 16-bit GEMM operands (CUDA tensor cores) dZ is written as 16-bit into its own buffer: writing it over
-        # the fp32 Z in place would race between rows (a 16-bit row i lands on fp32 row i / 2). Else dZ overwrites Z.
-        self.dz = None if self.gemm.dz_dtype == torch.float32 else \
-            torch.empty((c, self.v), device=hidden.device, dtype=self.gemm.dz_dtype)
+        # The GEMMs' dZ operand must have the weight's GEMM dtype: with 16-bit operands (CUDA tensor cores, which
+        # take no mixed fp32 x 16-bit product) dZ is 16-bit, in its own buffer. The Triton row pass writes it there
+        # directly (writing 16-bit dZ over the fp32 Z in place would race between rows: a 16-bit row i lands on
+        # fp32 row i / 2); the torch row pass forms dZ in fp32 in its exp buffer and rounds it into this one, as the
+        # Triton store does. With fp32 operands dZ overwrites Z (Triton) or the exp buffer (torch) in place.
+        self.dz = None if dz_dtype in (None, torch.float32) else \
+            torch.empty((c, self.v), device=hidden.device, dtype=dz_dtype)
         self.e = None if triton_rows else torch.empty((c, self.v), **f32)
         self.th = None if triton_rows or softcap is None else torch.empty((c, self.v), **f32)
 
@@ -456,6 +457,8 @@ class _Loop:
 
     def backprop(self, dz, x, dx_rows, dw):
         """GEMMs 2 and 3 of a chunk: dX_c = dZ W into dx_rows, dW += dZ^T X_c (each skipped when given None)."""
+        if dz.dtype != self.gemm.dz_dtype:  # the torch row pass's fp32 dZ, for 16-bit GEMM operands
+            dz = self.dz[:dz.shape[0]].copy_(dz)
         if dx_rows is not None:
             self.gemm.dx(dz, dx_rows)
         if dw is not None:
@@ -477,7 +480,7 @@ def logprobs_fwd(hidden, weight, targets, temperature, softcap, ignore_index, re
     mean_z = torch.empty(n if return_entropy else 0, **f32)
     inv_t = 1.0 / temperature
     with _no_autocast(hidden.device):
-        loop = _Loop(hidden, weight, targets, ignore_index, softcap, chunk_bytes, triton_rows)
+        loop = _Loop(hidden, weight, targets, ignore_index, softcap, chunk_bytes, triton_rows, write_grad=False)
         for rows, tgt, valid, _, z in loop.chunks():
             if triton_rows:
                 _launch_rows(z, z, rows.start, targets, ignore_index, inv_t, softcap, mode=0,
@@ -503,7 +506,7 @@ def logprobs_bwd(grad_logp, grad_entropy, hidden, weight, targets, lse, mean_z, 
         return dx, weight.new_empty(0)
     inv_t = 1.0 / temperature
     with _no_autocast(hidden.device):
-        loop = _Loop(hidden, weight, targets, ignore_index, softcap, chunk_bytes, triton_rows)
+        loop = _Loop(hidden, weight, targets, ignore_index, softcap, chunk_bytes, triton_rows, write_grad=True)
         for rows, tgt, valid, x, z in loop.chunks():
             e, th, dz = loop.bufs(z)
             if triton_rows:
@@ -533,7 +536,7 @@ def ppo_fwd_with_grads(hidden, weight, targets, old_logp, adv, w_tok, g_ent, hp,
     write_grad = compute_dx or compute_dw
     inv_t = 1.0 / temperature
     with _no_autocast(hidden.device):
-        loop = _Loop(hidden, weight, targets, ignore_index, softcap, chunk_bytes, triton_rows)
+        loop = _Loop(hidden, weight, targets, ignore_index, softcap, chunk_bytes, triton_rows, write_grad)
         for rows, tgt, valid, x, z in loop.chunks():
             e, th, dz = loop.bufs(z)
             if triton_rows:

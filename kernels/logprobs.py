@@ -23,7 +23,7 @@ import triton
 import triton.language as tl
 
 from . import chunked
-from ._utils import check_chunk_bytes, check_same_device, resolve_impl
+from ._utils import check_chunk_bytes, check_same_device, resolve_impl, tanh as _tanh
 
 # ------------------------------------------------------------------------------------------------------------------
 _FLOAT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
@@ -46,6 +46,7 @@ class _TileConfig(NamedTuple):
 # timed on hardware. A static table, never keyed on N, so nothing re-tunes per batch.
 _FWD_GPU = {2: _TileConfig(64, 128, 64, 2048, 8, 3), 4: _TileConfig(64, 128, 32, 2048, 8, 3)}
 _BWD_GPU = {2: _TileConfig(64, 128, 32, 0, 8, 3), 4: _TileConfig(64, 128, 16, 0, 8, 3)}
+_COMBINE_BLOCK_N = 128  # rows per program of the combine kernel (any device; launched with Triton's default warps)
 # The CPU interpreter runs every tile op in numpy: small tiles keep the tests fast and still exercise V splits,
 # partial tiles and multi-chunk H loops.
 _FWD_CPU = _TileConfig(16, 32, 16, 128, 1, 1)
@@ -53,15 +54,6 @@ _BWD_CPU = _TileConfig(16, 32, 16, 0, 1, 1)
 
 
 # ------------------------------------------------------------------------------------------------------------------
-@triton.jit
-def _tanh(x):
-    # tl has no tanh (libdevice's does not run in the interpreter). exp(-2|x|) <= 1 never overflows; the absolute
-    # error (~1e-7, times softcap in the logits) is what matters here, and it is as good near 0 as elsewhere.
-    e = tl.exp(-2.0 * tl.abs(x))
-    t = (1.0 - e) / (1.0 + e)
-    return tl.where(x < 0, -t, t)
-
-
 @triton.jit
 def _logits_tile(X, W, rows, cols, row_mask, col_mask, H, h_end, inv_temperature, softcap,
                  HAS_SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr,
@@ -113,7 +105,8 @@ def _logprobs_fwd_kernel(
     for v0 in range(v_start, v_stop, BLOCK_V):
         cols = v0 + tl.arange(0, BLOCK_V)
         col_mask = cols < v_end
-        z, _ = _logits_tile(X, W, rows, cols, row_mask, col_mask, H, H, inv_temperature, softcap,
+        # ignored rows load as zeros: whatever they hold (NaN, inf, padding garbage) stays out of every product
+        z, _ = _logits_tile(X, W, rows, cols, valid, col_mask, H, H, inv_temperature, softcap,
                             HAS_SOFTCAP, DOT_PRECISION, BLOCK_N, BLOCK_V, BLOCK_H)
         z = tl.where(col_mask[None, :], z, -float("inf"))
         m_new = tl.maximum(m, tl.max(z, axis=1))
@@ -209,7 +202,8 @@ def _logprobs_bwd_kernel(
     # if none is left in the block, all three GEMM loops below run zero times.
     h_end = tl.where(tl.max(active.to(tl.int32), axis=0) > 0, H, 0)
 
-    z, th = _logits_tile(X, W, rows, cols, row_mask, col_mask, H, h_end, inv_temperature, softcap,
+    # ignored rows load as zeros (here and in the dW loop): a NaN or inf they hold would survive the zero dl (0 * NaN)
+    z, th = _logits_tile(X, W, rows, cols, valid, col_mask, H, h_end, inv_temperature, softcap,
                          HAS_SOFTCAP, DOT_PRECISION, BLOCK_N, BLOCK_V, BLOCK_H)
     # ignored rows stored lse = 0: keep exp from overflowing on them (their dl is zeroed below anyway)
     p = tl.exp(tl.where(valid[:, None], z - lse[:, None], -float("inf")))
@@ -239,7 +233,7 @@ def _logprobs_bwd_kernel(
         for h0 in range(0, h_end, BLOCK_H):
             hs = h0 + tl.arange(0, BLOCK_H)
             h_mask = hs < H
-            x = tl.load(X + rows[:, None] * H + hs[None, :], mask=row_mask[:, None] & h_mask[None, :], other=0.0)
+            x = tl.load(X + rows[:, None] * H + hs[None, :], mask=valid[:, None] & h_mask[None, :], other=0.0)
             dw = tl.dot(dl_t, x, input_precision=DOT_PRECISION)
             tl.atomic_add(DW + cols[:, None] * H + hs[None, :], dw, mask=col_mask[:, None] & h_mask[None, :],
                           sem="relaxed")
@@ -289,7 +283,7 @@ def _token_logprobs_fwd_triton(hidden, weight, targets, temperature, softcap, ig
             BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v, BLOCK_H=cfg.block_h,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
-        combine_block = 128
+        combine_block = _COMBINE_BLOCK_N
         _logprobs_combine_kernel[(triton.cdiv(n, combine_block),)](
             m_part, s_part, a_part, z_target, targets, logp, lse,
             entropy if return_entropy else logp, mean_z if return_entropy else lse,

@@ -5,7 +5,7 @@ bf16 is covered by the torch impl here (and the chunked impl, whose GEMMs are to
 """
 import pytest
 import torch
-from conftest import assert_error_within, max_error
+from conftest import assert_error_within, emulate_cuda_16bit_gemms, max_error
 
 from sppo_fast.kernels import logprobs as logprobs_module
 from sppo_fast.kernels import token_logprobs
@@ -138,6 +138,11 @@ def test_torch_impl_matches_truth(n, h, v, temperature, softcap, entropy_on, dty
 # bf16 is left out on CPU only because the interpreter's tl.dot mishandles bf16 operands.
 TRITON_DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if CUDA else [])
 IMPLS = ["chunked", "torch", "triton"]
+# The CUDA 16-bit GEMM branch on CPU, for both row passes. chunked: fp16 only, since the interpreter's fp32 -> bf16
+# cast truncates (measured: half of random values differ from round-to-nearest-even), where compiled Triton rounds to
+# nearest; that bias, not the kernel, fails bf16 there. torch: both 16-bit dtypes (regression: its fp32 dZ met the
+# 16-bit weight in the dX/dW GEMMs, which CUDA rejects, and only a looser emulation let the tests pass).
+CUDA_BRANCH_CASES = [("chunked", torch.float16), ("torch", torch.float16), ("torch", torch.bfloat16)]
 
 
 @pytest.mark.parametrize("dtype", TRITON_DTYPES)
@@ -194,22 +199,35 @@ def test_ignored_rows_with_huge_logits_give_exact_finite_grads(impl, dtype):
         assert grads[1][1][1].abs().max().item() == 0.0  # the ignored row's hidden gets exactly no gradient
 
 
-@pytest.mark.parametrize("impl", ["chunked", "torch"])
-def test_ignored_rows_holding_nan_contribute_nothing(impl):
-    """Padding rows may hold anything (uninitialised states): they are zeroed before every GEMM."""
-    hidden, weight, targets, grad_logp, grad_entropy = _make_inputs(37, 24, 517, torch.float32)
+NAN_CASES = [(impl, dtype, False) for impl in IMPLS for dtype in (torch.float32, torch.float16, torch.bfloat16)
+             if CUDA or impl == "torch" or dtype != torch.bfloat16]  # the interpreter's tl.dot is wrong on bf16
+NAN_CASES += [] if CUDA else [(impl, dtype, True) for impl, dtype in CUDA_BRANCH_CASES]
+
+
+@pytest.mark.parametrize("impl,dtype,cuda_branch", NAN_CASES)
+def test_ignored_rows_holding_nan_contribute_nothing(monkeypatch, impl, dtype, cuda_branch):
+    """Padding rows may hold anything (uninitialised states, NaN, inf): every impl and dtype gives bit for bit the
+    outputs and grads of the same batch with those rows zeroed, and exact zeros in their dX rows."""
+    if cuda_branch:
+        emulate_cuda_16bit_gemms(monkeypatch)
+    hidden, weight, targets, grad_logp, grad_entropy = _make_inputs(37, 24, 517, dtype)
+    ignored = targets == IGNORE
+    clean = torch.where(ignored[:, None], 0, hidden)
     garbage = hidden.clone()
-    garbage[targets == IGNORE] = float("nan")
-    garbage[0, 0] = float("inf")
+    garbage[ignored] = float("nan")
+    garbage[0, 0], garbage[1, :3], garbage[2, 5] = float("inf"), float("-inf"), 6e4 if dtype == torch.float16 else 1e30
     outs = []
-    for x in (hidden, garbage):
+    for x in (clean, garbage):
         x = x.clone().requires_grad_()
         w = weight.clone().requires_grad_()
-        logp, entropy = token_logprobs(x, w, targets, return_entropy=True, impl=impl, chunk_bytes=8 * 12 * 517)
+        logp, entropy = token_logprobs(x, w, targets, return_entropy=True, impl=impl, softcap=5.0,
+                                       chunk_bytes=None if impl == "triton" else 8 * 12 * 517)
         grads = _backprop(logp, entropy, grad_logp, grad_entropy, [x, w])
         outs.append([logp, entropy] + grads)
-    for a, b in zip(*outs):
-        assert torch.equal(a, b)
+    for name, a, b in zip(["logp", "entropy", "d_hidden", "d_weight"], *outs):
+        assert torch.isfinite(b).all(), f"{name}: {int((~torch.isfinite(b)).sum())} non-finite"
+        assert torch.equal(a, b), f"{name}: max diff {(a.double() - b.double()).abs().max().item():.3e}"
+    assert (outs[1][2][ignored] == 0).all() and (outs[1][0][ignored] == 0).all()
 
 
 @pytest.mark.parametrize("impl", IMPLS)
@@ -419,32 +437,65 @@ def test_triton_does_not_recompile_per_n_or_hyperparameter():
     assert n_compiled() == before
 
 
-def _emulate_cuda_16bit_gemms(monkeypatch, addmm_in_place):
-    """Run the chunk loop's CUDA 16-bit branch on CPU: 16-bit operands, fp32 outputs (emulated here by fp32 math on
-    the exactly representable 16-bit values, which is what cuBLAS's fp32 accumulation computes up to summation
-    order), a separate 16-bit dZ buffer written by the Triton row pass, and either dW accumulation path."""
-    from sppo_fast.kernels import chunked
-
-    def mm_f32(a, b, out):
-        result = a.float() @ b.float()
-        return result if out is None else out.copy_(result)
-
-    monkeypatch.setattr(chunked, "_native_16bit", lambda device, what: what == "mm" or addmm_in_place)
-    monkeypatch.setattr(chunked, "_mm_f32", mm_f32)
-    monkeypatch.setattr(chunked, "_addmm_f32_", lambda acc, a, b: acc.add_(a.float() @ b.float()))
-
-
 @pytest.mark.skipif(CUDA, reason="emulates the CUDA branch on CPU")
+@pytest.mark.parametrize("impl,dtype", CUDA_BRANCH_CASES)
 @pytest.mark.parametrize("addmm_in_place", [True, False], ids=["addmm-f32", "blocked-dW"])
-def test_chunked_cuda_16bit_branch_emulated(monkeypatch, addmm_in_place):
-    # fp16 only: the interpreter's fp32 -> bf16 cast truncates (measured: half of random values differ from
-    # round-to-nearest-even), where compiled Triton rounds to nearest; that bias, not the kernel, fails bf16 here.
-    dtype = torch.float16
-    _emulate_cuda_16bit_gemms(monkeypatch, addmm_in_place)
+def test_cuda_16bit_branch_emulated(monkeypatch, impl, dtype, addmm_in_place):
+    emulate_cuda_16bit_gemms(monkeypatch, addmm_in_place)
     from sppo_fast.kernels import chunked
 
     assert chunked._Gemms(torch.zeros(3, 2, dtype=dtype), dtype).dz_dtype == dtype  # the branch under test is taken
-    _check_against_truth("chunked", 37, 24, 517, dtype, 0.7, 5.0, True)
+    _check_against_truth(impl, 37, 24, 517, dtype, 0.7, 5.0, True)
+
+
+@pytest.mark.skipif(CUDA, reason="emulates the CUDA branch on CPU")
+def test_cuda_16bit_branch_emulation_applies_cuda_dtype_rules(monkeypatch):
+    """The emulation is only worth its name if it rejects what CUDA rejects."""
+    emulate_cuda_16bit_gemms(monkeypatch)
+    from sppo_fast.kernels import chunked
+
+    a, b = torch.randn(4, 8, dtype=torch.bfloat16), torch.randn(8, 3, dtype=torch.bfloat16)
+    torch.testing.assert_close(chunked._mm_f32(a, b, None), a.float() @ b.float())
+    with pytest.raises(RuntimeError, match="input dtypes must be the same"):
+        chunked._mm_f32(a.float(), b, None)
+    with pytest.raises(RuntimeError, match="input dtypes must be the same"):
+        chunked._addmm_f32_(torch.zeros(4, 3), a, b.half())
+    with pytest.raises(RuntimeError, match="Expected out tensor to have dtype float"):
+        chunked._mm_f32(a, b, torch.empty(4, 3, dtype=torch.bfloat16))
+    with pytest.raises(RuntimeError, match="fp16/bf16 inputs"):
+        chunked._mm_f32(a.float(), b.float(), None)
+
+
+@pytest.mark.parametrize("impl", ["chunked", "torch"])
+def test_forward_only_allocates_no_dz_buffer(monkeypatch, impl):
+    """A 16-bit dZ buffer exists only when a gradient is formed: the no-grad scoring pass (old log-probs) neither
+    allocates one nor shrinks its chunks for it."""
+    if impl == "chunked" and CUDA:
+        pytest.skip("emulates the CUDA branch on CPU")
+    if not CUDA:
+        emulate_cuda_16bit_gemms(monkeypatch)
+    from sppo_fast.kernels import chunked
+
+    loops = []
+    real = chunked._Loop.__init__
+
+    def spy(self, *args, **kwargs):
+        real(self, *args, **kwargs)
+        loops.append(self)
+
+    monkeypatch.setattr(chunked._Loop, "__init__", spy)
+    hidden, weight, targets, grad_logp, grad_entropy = _make_inputs(37, 24, 517, torch.float16)
+    kw = dict(impl=impl, chunk_bytes=8 * 10 * 517)  # fwd: 20 (chunked) / 10 (torch) rows; bwd: 13 / 8
+    with torch.no_grad():
+        token_logprobs(hidden, weight, targets, **kw)
+    (fwd,) = loops
+    assert fwd.dz is None
+    x, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    logp = token_logprobs(x, w, targets, **kw)
+    _backprop(logp, None, grad_logp, None, [x, w])
+    bwd = loops[-1]
+    assert bwd.dz is not None and bwd.dz.dtype == torch.float16
+    assert fwd.rows > bwd.rows
 
 
 @pytest.mark.parametrize("impl", ["torch", "chunked"])

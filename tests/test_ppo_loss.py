@@ -12,7 +12,7 @@ import os
 
 import pytest
 import torch
-from conftest import assert_error_within
+from conftest import assert_error_within, emulate_cuda_16bit_gemms
 
 from sppo_fast.kernels import ppo_clip_loss, token_logprobs
 from sppo_fast.kernels.ppo_loss import ppo_clip_loss_from_logp
@@ -295,7 +295,7 @@ def test_grads_in_forward_do_three_gemms_per_chunk_and_match_recompute(impl, los
     from sppo_fast.kernels.chunked import chunk_rows
 
     chunk_bytes = _small_chunks(impl)
-    rows = chunk_rows(N, V, torch.float32, hidden.device, chunk_bytes, impl == "chunked", False)
+    rows = chunk_rows(N, V, torch.float32, chunk_bytes, impl == "chunked", False)
     chunks = math.ceil(N / rows)
     assert chunks >= 3
     kw = dict(cu_seqlens=cu, ignore_index=IGNORE, loss_agg=loss_agg, impl=impl, chunk_bytes=chunk_bytes,
@@ -571,26 +571,12 @@ def test_second_backward_through_fused_loss_raises():
         loss.backward()
 
 
-@pytest.mark.skipif(torch.cuda.is_available() or not TRITON_OK, reason="emulates the CUDA branch on CPU")
-def _emulate_cuda_16bit_gemms(monkeypatch):
-    """Make the chunk loop take its CUDA branch on CPU: 16-bit GEMM operands with fp32 outputs, emulated in fp32."""
-    from sppo_fast.kernels import chunked
-
-    def mm_f32(a, b, out):
-        result = a.float() @ b.float()
-        return result if out is None else out.copy_(result)
-
-    monkeypatch.setattr(chunked, "_native_16bit", lambda device, what: True)
-    monkeypatch.setattr(chunked, "_mm_f32", mm_f32)
-    monkeypatch.setattr(chunked, "_addmm_f32_", lambda acc, a, b: acc.add_(a.float() @ b.float()))
-
-
 @pytest.mark.parametrize("loss_agg", ["token-mean", "seq-mean-token-sum"])
 def test_fused_cuda_16bit_branch_emulated(monkeypatch, loss_agg):
     """The fused PPO loop's CUDA 16-bit branch (16-bit GEMM operands, fp32 outputs, a separate 16-bit dZ written by
     the Triton row pass, fp32 dX) run on CPU with the GEMMs emulated in fp32 on the 16-bit values. fp16: the
     interpreter's bf16 cast truncates (see tests/test_logprobs.py)."""
-    _emulate_cuda_16bit_gemms(monkeypatch)
+    emulate_cuda_16bit_gemms(monkeypatch)
     results, stats, truth_stats = _run_both("chunked", torch.float16, True, loss_agg=loss_agg)
     for name, (ours, truth, baseline) in results.items():
         _assert_within(name, ours, truth, baseline, torch.float16)
@@ -604,7 +590,7 @@ def test_fused_fp32_master_weight_with_16bit_hidden(monkeypatch, emulate_cuda):
     if emulate_cuda:
         if torch.cuda.is_available() or not TRITON_OK:
             pytest.skip("emulates the CUDA branch on CPU")
-        _emulate_cuda_16bit_gemms(monkeypatch)
+        emulate_cuda_16bit_gemms(monkeypatch)
     impl, dtype = ("chunked", torch.float16) if emulate_cuda else ("torch", torch.bfloat16)
     hidden, weight, targets = _inputs(dtype)
     master = weight.float() + 1e-3 * torch.randn(weight.shape, generator=torch.Generator().manual_seed(1))
@@ -622,3 +608,31 @@ def test_fused_fp32_master_weight_with_16bit_hidden(monkeypatch, emulate_cuda):
     torch.testing.assert_close(loss_m, loss_r, atol=1e-6, rtol=1e-6)
     torch.testing.assert_close(dh_m, dh_r, atol=0, rtol=0)
     torch.testing.assert_close(dw_m.to(dtype), dw_r, atol=0, rtol=0)  # the same fp32 sums, rounded once
+
+
+@pytest.mark.parametrize("impl,dtype", IMPL_DTYPES)
+@pytest.mark.parametrize("ratio_level", ["token", "sequence"])
+def test_ignored_rows_holding_nan_contribute_nothing(impl, dtype, ratio_level):
+    """Ignored rows (prompt tokens, padding) may hold anything in hidden, old_logp and per-token advantages (NaN,
+    inf): the loss, stats and grads are bit for bit those of the same batch with those entries zeroed, all finite."""
+    hidden, weight, targets = _inputs(dtype)
+    ignored = targets == IGNORE
+    old = _old_logp(hidden, weight, targets, ratio_level)
+    adv, cu = _advantages(False), torch.tensor(CU, device=DEVICE)
+    clean = (torch.where(ignored[:, None], 0, hidden), torch.where(ignored, 0.0, old), torch.where(ignored, 0.0, adv))
+    bad_hidden, bad_old, bad_adv = (t.clone() for t in clean)
+    bad_hidden[ignored] = float("nan")
+    bad_hidden[1, 0] = float("inf")
+    bad_old[ignored], bad_adv[ignored] = float("nan"), float("inf")
+    outs = []
+    for h, o, a in (clean, (bad_hidden, bad_old, bad_adv)):
+        h, w = h.clone().requires_grad_(True), weight.clone().requires_grad_(True)
+        loss, stats = ppo_clip_loss(h, w, targets, o, a, cu_seqlens=cu, ignore_index=IGNORE, impl=impl,
+                                    ratio_level=ratio_level, chunk_bytes=_small_chunks(impl), entropy_coef=0.01)
+        loss.backward()
+        outs.append([loss, h.grad, w.grad] + [stats[k] for k in sorted(stats)])
+    names = ["loss", "d_hidden", "d_weight"] + sorted(stats)
+    for name, a, b in zip(names, *outs):
+        assert torch.isfinite(b).all(), f"{name}: non-finite with garbage in ignored rows"
+        assert torch.equal(a, b), f"{name}: {a} vs {b}"
+    assert (outs[1][1][ignored] == 0).all()
