@@ -10,6 +10,8 @@ between rows are the result; absolute numbers belong to the GPU named in each ro
     python bench/bench_kernels.py --shapes qwen2.5-1.5b,llama3-8b    # a subset, by name
     python bench/bench_kernels.py --shapes 4096x2048x32000           # or N x H x V
     python bench/bench_kernels.py --methods ours,torch_naive         # method-name prefixes (floor always runs)
+    python bench/bench_kernels.py --methods ours_ppo_loss_chunked:fwd+bwd,liger_flce   # ':MODE' picks one mode;
+                                                                     # rows run in the order given
     python bench/bench_kernels.py --quick                            # CPU smoke test: N=64, H=32, V=257, fp32
     python bench/bench_kernels.py --cpu --isolate --shapes 2048x512x32000 --rep 5 --warmup 1 \
         --methods ours_ppo,torch --baseline-checkout /tmp/old      # CPU table: time + peak RSS per method
@@ -18,8 +20,11 @@ between rows are the result; absolute numbers belong to the GPU named in each ro
 
 Method names: ours_ppo_loss_<impl> (grads in the forward on chunked/torch; composed on triton),
 ours_ppo_recompute_<impl> (token_logprobs + ppo_clip_loss_from_logp: 4 GEMMs), ours_logprobs_<impl>, the peers
-(torch_naive, torch_compile_naive = torch.compile of the naive PPO-shaped loss, torch_chunked_ckpt, liger_*,
-cce_*), and floor_3gemm. Modes: "fwd" (no_grad) and "fwd+bwd".
+(torch_naive, torch_compile_naive = torch.compile of the naive PPO-shaped loss, torch_chunked_ckpt, torch_linear_ce =
+torch's own `F.linear_cross_entropy` with its chunked path (torch >= 2.13), liger_*, cce_*), and floor_3gemm.
+Modes: "fwd" (no_grad) and "fwd+bwd". `--methods` takes method-name prefixes, each optionally `:fwd` or `:fwd+bwd`;
+the selected rows run in the order of the items that first match them (table order within one item), so a caller
+with a time limit puts what matters most first.
 
 Rows are appended to --out (JSONL, or CSV if the name ends in .csv); default
 bench/results/kernels-<gpu>-<date>.jsonl, and a temp file in --quick mode (smoke-test timings are not figures).
@@ -43,6 +48,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import warnings
 
 import torch
 
@@ -195,6 +201,8 @@ def build_chunked_ckpt(x, h, w, chunk=4096):
 
 
 def build_liger_flce(x, h, w):
+    if x.device != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise Skip("liger-kernel's Triton kernels need CUDA (or TRITON_INTERPRET=1)")
     try:
         from liger_kernel.ops.fused_linear_cross_entropy import LigerFusedLinearCrossEntropyFunction
     except ImportError as e:
@@ -227,6 +235,31 @@ def build_liger_grpo(x, h, w):
         out = loss_module(h.view(b, x.seq_len, -1), w, x.targets.view(b, x.seq_len), mask, x.seq_advantages[:b],
                           old_per_token_logps=x.old_logp.view(b, x.seq_len))
         (out[0] if isinstance(out, tuple) else out).backward()
+    return fn
+
+
+def build_torch_linear_ce(x, h, w):
+    """torch's own fused linear + cross-entropy on its chunked path (`options=LinearCrossEntropyOptions()`, torch >=
+    2.13): the per-token NLL (reduction="none"), so the per-token upstream gradient applies as for CCE."""
+    lce = getattr(torch.nn.functional, "linear_cross_entropy", None)
+    options = getattr(torch.nn, "LinearCrossEntropyOptions", None)
+    if lce is None or options is None:
+        raise Skip(f"not in this torch ({torch.__version__}): F.linear_cross_entropy with chunking is torch >= 2.13")
+    opts = options()
+
+    def fn():
+        nll = lce(h, w, x.targets, reduction="none", options=opts)
+        ((-nll) * x.grad_logp).sum().backward()
+        return -nll.detach().float()
+
+    # torch falls back to its unchunked reference path, with a warning, for what the chunked path does not support;
+    # a fallback would be timed as the chunked op without this first call
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fn()
+    fallback = [str(c.message) for c in caught if "ignored" in str(c.message)]
+    if fallback:
+        raise Skip(f"torch took its reference path, not the chunked one: {fallback[0][:200]}")
     return fn
 
 
@@ -264,11 +297,28 @@ def method_table(device, interpret):
              ("torch_naive", "fwd+bwd", build_naive(True), True),
              ("torch_compile_naive", "fwd+bwd", build_compiled_naive, True),
              ("torch_chunked_ckpt", "fwd+bwd", build_chunked_ckpt, True),
+             ("torch_linear_ce", "fwd+bwd", build_torch_linear_ce, True),
              ("liger_flce", "fwd+bwd", build_liger_flce, True),
              ("liger_grpo_loss", "fwd+bwd", build_liger_grpo, True),
              ("cce_exact", "fwd+bwd", build_cce(False), True),
              ("cce_filtered", "fwd+bwd", build_cce(True), True)]
     return rows
+
+
+def select_methods(table, spec):
+    """The rows of `table` that `spec` names, in its order. spec: None (every row) or comma-separated items, each a
+    method-name prefix with an optional ':fwd' / ':fwd+bwd'; a row runs once, where the first item matching it is."""
+    if spec is None:
+        return list(table)
+    chosen = []
+    for item in (i.strip() for i in spec.split(",")):
+        if not item:
+            continue
+        prefix, _, mode = item.partition(":")
+        if mode and mode not in ("fwd", "fwd+bwd"):
+            raise SystemExit(f"--methods {item!r}: the mode after ':' is 'fwd' or 'fwd+bwd'")
+        chosen += [row for row in table if row[0].startswith(prefix) and mode in ("", row[1]) and row not in chosen]
+    return chosen
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -442,8 +492,9 @@ def main():
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shapes", default=",".join(SHAPES), help="names or NxHxV, comma-separated")
     parser.add_argument("--methods", default=None,
-                        help="comma-separated method-name prefixes (e.g. ours,liger); default all; "
-                             "the 3-GEMM floor always runs")
+                        help="comma-separated method-name prefixes, each optionally ':fwd' or ':fwd+bwd' (e.g. "
+                             "ours_ppo_loss:fwd+bwd,liger), run in that order; default all; the 3-GEMM floor always "
+                             "runs first")
     parser.add_argument("--dtype", default=None, choices=["bf16", "fp16", "fp32"],
                         help="input dtype (default bf16 on CUDA, fp32 on CPU)")
     parser.add_argument("--seq-len", type=int, default=1024, help="packed sequence length for the PPO losses")
@@ -494,7 +545,6 @@ def main():
     else:
         gpu = re.sub(r"[^a-z0-9]+", "-", env["device"].lower()).strip("-")
         out = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", f"kernels-{gpu}-{date}.jsonl")
-    wanted = None if args.methods is None else [m.strip() for m in args.methods.split(",")]
     baseline_sha = None
     if args.baseline_checkout:
         # a git checkout's short SHA, else the directory's name (e.g. an extracted `git archive <sha>`)
@@ -502,8 +552,15 @@ def main():
                                       capture_output=True, text=True).stdout.strip() \
             or os.path.basename(os.path.normpath(args.baseline_checkout))
 
-    def selected(name):
-        return wanted is None or any(name.startswith(p) for p in wanted)
+    chosen = select_methods(method_table(device, interpret), args.methods)
+    chosen_keys = {(name, mode) for name, mode, _, _ in chosen}
+    # items that name no method here (ours_*_chunked/triton without CUDA or the interpreter) become skipped rows,
+    # so that a results table says what was asked for and not run instead of leaving it out
+    full_table = method_table("cuda", True)
+    unmatched = [item.strip() for item in (args.methods or "").split(",") if item.strip() and not any(
+        name.startswith(item.strip().partition(":")[0]) for name, _, _, _ in chosen)]
+    unmatched = [(item, "needs CUDA or TRITON_INTERPRET=1" if select_methods(full_table, item) else "unknown method")
+                 for item in unmatched]
 
     print(f"# {env['device']} | torch {env['torch']} | triton {env['triton']} | git {env['git_sha']} | "
           f"{dtype_name} | results -> {out}")
@@ -531,17 +588,16 @@ def main():
             record({"method": "floor_3gemm", "error": "OOM"})
         free_memory()
 
+        for item, why in unmatched:
+            record({"method": item.partition(":")[0], "mode": item.partition(":")[2] or None, "skipped": why})
         shape_spec = f"{n}x{h}x{v}"
         if args.interleave:
-            table = [m for m in method_table(device, interpret) if selected(m[0])]
-            for row in run_interleaved(x, table, device, warmup, rep, floor):
+            for row in run_interleaved(x, chosen, device, warmup, rep, floor):
                 record(row)
             table = []
         else:
-            table = method_table(device, interpret)
+            table = chosen
         for method, mode, build, needs_grad in table:
-            if not selected(method):
-                continue
             if args.isolate and not args.quick:
                 row = spawn_child(args, shape_spec, method, mode)
                 if floor is not None and row.get("median_ms"):
@@ -552,7 +608,7 @@ def main():
             free_memory()
         if baseline_sha:
             for method, mode, _, _ in method_table(device, interpret):
-                if method.startswith("ours_") and selected(method):
+                if method.startswith("ours_") and (method, mode) in chosen_keys:
                     row = spawn_child(args, shape_spec, method, mode, pythonpath=args.baseline_checkout)
                     if floor is not None and row.get("median_ms"):
                         row["x_floor"] = row["median_ms"] / floor["three_gemm_ms"]

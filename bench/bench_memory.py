@@ -12,7 +12,8 @@ Settings are cumulative rungs of sppo_fast.memory's ladder:
   8bit      + torchao AdamW8bit states                                          (level 8bit)
   offload   bf16 weights, fp32 states in host RAM (torchao CPUOffloadOptimizer) (level offload, CUDA only)
 
-Each setting runs the trainer's own update (`train.Stepper.update`: packing, micro-batches by token budget, fused
+Settings run in the order given; one that fails (out of memory, torchao missing) is recorded with its error and the
+next one runs. Each setting runs the trainer's own update (`train.Stepper.update`: packing, micro-batches by token budget, fused
 log-prob kernel, value head, clipping, optimizer step) on random tokens with random 0/1 rewards. Peak = the
 largest torch.cuda.max_memory_allocated over the steps (the first step allocates the optimizer states); time = the
 median of the steps after the first. Results: bench/results/memory-<gpu>-<date>.{jsonl,md} (GPU name, versions,
@@ -28,6 +29,7 @@ import statistics
 import sys
 import tempfile
 import time
+import traceback
 import types
 
 import torch
@@ -192,6 +194,9 @@ def main(argv=None):
             row = bench_update(s, cfg, a.batch, a.prompt, a.response, a.steps, device, not a.no_liger, a.kernel_impl)
         except torch.OutOfMemoryError as err:
             row = {"setting": s, "level": SETTINGS[s], "error": f"OOM: {str(err).splitlines()[0][:160]}"}
+        except Exception as err:  # noqa: BLE001 - one rung's failure (torchao missing or broken) is its row's result
+            row = {"setting": s, "level": SETTINGS[s], "error": f"{type(err).__name__}: {str(err)[:300]}"}
+            print(f"{s} FAILED:\n{traceback.format_exc()[-3000:]}", file=sys.stderr, flush=True)
         cleanup(device)
         row.update(env, liger=not a.no_liger and device.type == "cuda")
         rows.append(row)

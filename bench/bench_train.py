@@ -5,6 +5,7 @@
     python bench/bench_train.py --model /models/Qwen2.5-0.5B    # a local HF model directory
     python bench/bench_train.py --arch qwen2-1.5b --batch-size 16 --grpo-prompts equal   # the 1.5B shape
     python bench/bench_train.py --batch-size 32 --max-new-tokens 1024 --steps 5
+    python bench/bench_train.py --arch qwen2-1.5b --algos sppo,ppo --memory-plan 8bit   # <= 20 GiB settings, both
     python bench/bench_train.py --quick                         # CPU smoke test (< 90 s): tiny Qwen2, 1 step each
 
 Algorithms (each in a fresh subprocess, so peak memory is per algorithm):
@@ -28,9 +29,13 @@ own: lengths vary, and the trainer has no --ignore-eos flag yet.
 Measured per algorithm (steps after the first, which warms up Triton/CUDA, are the median):
   peak GiB            torch.cuda.max_memory_allocated over the whole training process (no eval: it is patched out)
   rollout/update peak the same, reset before each phase of every step
-  value-fn memory     params + grads + AdamW's 2 states of the value function, from parameter counts and dtypes
-                      (states assumed in the params' dtype: right for the default fp32 memory plan, not for
-                      --memory-plan 8bit/offload): SPPO = Linear(H, 1); SPPO critic / PPO = critic decoder + head
+  value-fn memory     params + grads + optimizer states of the value function: params and grads from counts and
+                      dtypes, states as the optimizer holds them after the run (8-bit states as codes + scales;
+                      `value_fn_states` says "measured", or "assumed" = 2 states in the params' dtype where the
+                      optimizer keeps them elsewhere, e.g. offload): SPPO = Linear(H, 1); SPPO critic / PPO = critic
+                      decoder + head
+  --memory-plan       passed to every algorithm (fp32 | ckpt | bf16 | 8bit | offload, sppo_fast/memory.py), so that
+                      peaks compare at the same precision and optimizer; default: the trainer's (fp32 AdamW)
   extra peak vs SPPO  measured peak minus SPPO's: the separate critic's static memory plus its activations
   rollout/scoring/update s  from metrics.jsonl perf/*: scoring = reward + old-log-prob scoring (the latter only
                       with --num-minibatches > 1: the trainer's perf/score_s, timed without a device sync, so
@@ -173,7 +178,7 @@ def worker(spec_path: str) -> int:
 
     def stepper_init(self, *a, **k):
         init(self, *a, **k)
-        probe["static"] = static_memory(self)
+        probe["stepper"] = self
 
     def stepper_update(self, *a, **k):
         if cuda:
@@ -196,6 +201,8 @@ def worker(spec_path: str) -> int:
              "--out-dir", spec["runs_dir"], "--run-name", spec["algo"], *algo[1], *spec["extra"]]
     if spec["algo"] == "sppo_critic":
         flags += ["--critic", spec["model"]]
+    if spec.get("memory_plan"):
+        flags += ["--memory-plan", spec["memory_plan"]]
     if spec["device"] == "cpu":
         flags += ["--threads", "1"]
     args = build_args(flags)
@@ -222,7 +229,7 @@ def worker(spec_path: str) -> int:
            "tokens_per_s": med([r["perf/tokens_per_s"] for r in measured]),
            "response_len": med([r["rollout/response_len"] for r in measured]),
            "finished_frac": med([r["rollout/finished"] for r in measured]),
-           "wall_s": wall, **probe["static"],
+           "wall_s": wall, **(static_memory(probe["stepper"]) if "stepper" in probe else {}),
            "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
            "rollout_peak_gib": max(probe["rollout_peak"]) / 2**30 if probe["rollout_peak"] else None,
            "update_peak_gib": max(probe["update_peak"]) / 2**30 if probe["update_peak"] else None,
@@ -236,18 +243,38 @@ def worker(spec_path: str) -> int:
     return 0
 
 
+def _tensor_bytes(t) -> int:
+    """Bytes of a state tensor; a tensor subclass (torchao's 8-bit state) as the sum of its inner tensors."""
+    import torch
+
+    if type(t) is torch.Tensor:
+        return t.numel() * t.element_size()
+    if isinstance(t, torch.Tensor) and hasattr(t, "__tensor_flatten__"):
+        names, _ = t.__tensor_flatten__()
+        return sum(_tensor_bytes(getattr(t, name)) for name in names)
+    return 0
+
+
 def static_memory(stepper) -> dict:
-    """Bytes of params + grads + AdamW states (2 per param, same dtype as the param) of the value function and of the
-    policy, from parameter counts and dtypes (trainable parameters only)."""
+    """Bytes of params + grads + optimizer states of the value function and of the policy (trainable parameters).
+    States are read from the optimizer after the run (so an 8-bit plan counts its codes and scales); where the
+    optimizer keeps them under other keys (offload's host copies) they are assumed: 2 per param in its dtype."""
+    state = getattr(stepper.optimizer, "state", {})
+
     def count(modules):
         params = [p for m in modules if m is not None for p in m.parameters() if p.requires_grad]
         n = sum(p.numel() for p in params)
         b = sum(p.numel() * p.element_size() for p in params)
-        return n, 4 * b  # param + grad + exp_avg + exp_avg_sq
-    n_v, b_v = count([stepper.value_head, stepper.critic])
-    n_p, b_p = count([stepper.policy])
-    return {"value_params": n_v, "value_fn_gib": b_v / 2**30, "value_fn_bytes": b_v,
-            "policy_params": n_p, "policy_static_gib": b_p / 2**30}
+        found = [state[p] for p in params if p in state]
+        if params and len(found) == len(params):
+            states, how = sum(_tensor_bytes(v) for st in found for v in st.values()), "measured"
+        else:
+            states, how = 2 * b, "assumed"
+        return n, 2 * b + states, how  # param + grad + states
+    n_v, b_v, how_v = count([stepper.value_head, stepper.critic])
+    n_p, b_p, how_p = count([stepper.policy])
+    return {"value_params": n_v, "value_fn_gib": b_v / 2**30, "value_fn_bytes": b_v, "value_fn_states": how_v,
+            "policy_params": n_p, "policy_static_gib": b_p / 2**30, "policy_states": how_p}
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -271,6 +298,7 @@ def write_markdown(path, env, o, rows, model_desc, targets):
          f"Model: {model_desc}. Batch: {o.batch_size} samples per step "
          f"({'GRPO: batch/8 prompts x 8' if o.grpo_prompts == 'samples' else 'GRPO: batch prompts x 8'}), "
          f"max {o.max_new_tokens} new tokens, {o.steps} steps per algorithm (first = warm-up, median of the rest); "
+         f"memory plan: {o.memory_plan or 'the trainer default'} (every algorithm); "
          f"extra trainer flags: {' '.join(o.extra) or 'none'}.\n"]
     if not gpu:
         L.append("**CPU smoke test: these timings are not figures, and no memory is reported (CPU memory is not GPU "
@@ -293,8 +321,9 @@ def write_markdown(path, env, o, rows, model_desc, targets):
     L.append("")
     L.append("Columns: *peak GiB* `torch.cuda.max_memory_allocated` over the training process (weights, optimizer, "
              "rollout and update; evaluation is patched out); *rollout/update peak* the same, reset before each phase; "
-             "*value-fn memory* params + grads + 2 AdamW states of the value function (fp32), computed from parameter "
-             "counts and dtypes — SPPO: Linear(H,1); separate critic / PPO: critic decoder + head; *extra peak vs "
+             "*value-fn memory* params + grads + optimizer states of the value function (states as the optimizer "
+             "holds them after the run) — SPPO: Linear(H,1); separate critic / PPO: critic decoder + head; *extra "
+             "peak vs "
              "SPPO* measured peak minus SPPO's (the critic's static memory + its activations); *rollout s* generation; "
              "*scoring s* reward + old-log-prob scoring (the latter only when --num-minibatches > 1); *update s* "
              "forward + backward + optimizer; *step s* their sum; *prompts/s*, *tokens/s* prompts and response "
@@ -318,7 +347,7 @@ def check_targets(rows) -> tuple[list, dict]:
     if s and p and p.get("value_fn_bytes"):
         ratio = s["value_fn_bytes"] / p["value_fn_bytes"]
         flags["value_fn_ratio_sppo_ppo"] = ratio
-        out.append(f"value-function memory ≤ 1% of PPO's critic (params + grads + AdamW, computed): "
+        out.append(f"value-function memory ≤ 1% of PPO's critic (params + grads + optimizer states): "
                    f"{s['value_fn_bytes'] / 2**10:.1f} KiB / {p['value_fn_bytes'] / 2**30:.2f} GiB = {ratio:.2e} → "
                    f"**{'met' if ratio <= 0.01 else 'not met'}**")
     if s and g:
@@ -346,6 +375,9 @@ def main(argv=None) -> int:
                                                          "1 step each, temp dir")
     ap.add_argument("--out", default="", help="output prefix (default bench/results/train-<gpu>-<date>)")
     ap.add_argument("--timeout", type=float, default=1200, help="seconds per algorithm before it is killed")
+    ap.add_argument("--memory-plan", default="", choices=("", "fp32", "ckpt", "bf16", "8bit", "offload"),
+                    help="the trainer's --memory-plan for every algorithm (same precision and optimizer, so peaks "
+                         "compare); default: the trainer's own")
     ap.add_argument("--train-arg", dest="extra", action="append", default=[],
                     help="extra trainer flag, repeatable, e.g. --train-arg=--gradient-checkpointing")
     ap.add_argument("--_worker", default=None, help=argparse.SUPPRESS)
@@ -400,7 +432,8 @@ def main(argv=None) -> int:
     for algo in algos:
         spec = {"algo": algo, "model": model, "steps": o.steps, "batch_size": o.batch_size,
                 "grpo_prompts": o.grpo_prompts, "max_new_tokens": o.max_new_tokens, "device": device,
-                "extra": o.extra, "runs_dir": str(work / "runs"), "out_json": str(work / f"{algo}.json")}
+                "extra": o.extra, "memory_plan": o.memory_plan, "runs_dir": str(work / "runs"),
+                "out_json": str(work / f"{algo}.json")}
         spec_path = work / f"{algo}.spec.json"
         spec_path.write_text(json.dumps(spec))
         log_path = work / f"{algo}.log"
@@ -422,7 +455,8 @@ def main(argv=None) -> int:
             row = {"kind": "algo", "algo": algo, "label": ALGOS[algo][0], "error": err, "log_tail": tail}
             print(f"{algo} FAILED ({err}):\n{tail}", file=sys.stderr)
         row.update({k: v for k, v in env.items() if k != "kind"})
-        row.update(model=model_desc, batch_size=o.batch_size, grpo_prompts=o.grpo_prompts, extra=o.extra)
+        row.update(model=model_desc, batch_size=o.batch_size, grpo_prompts=o.grpo_prompts, extra=o.extra,
+                   memory_plan_flag=o.memory_plan or None)
         rows.append(row)
         with open(jsonl, "a") as f:  # at once: a later algorithm's crash or the caller's timeout keeps this row
             f.write(json.dumps(row) + "\n")
