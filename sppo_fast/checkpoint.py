@@ -212,3 +212,21 @@ def restore(ckpt: Path, *, value_head, optimizer, scheduler) -> dict:
     distributed.restore_rank_rng(tensors)
     meta["extra_tensors"] = {k[len("extra."):]: v for k, v in tensors.items() if k.startswith("extra.")}
     return meta
+
+
+def catch_sigint() -> dict:
+    """Ctrl-C: finish nothing half-way; the loop saves a checkpoint at its next safe point (the end of the step) and
+    exits cleanly. A second Ctrl-C stops at once, without a checkpoint. Returns {"flag": set by the first Ctrl-C,
+    "previous": the handler to put back}."""
+    import signal
+
+    state = {"flag": False}
+
+    def on_sigint(*_):
+        if state["flag"]:
+            raise KeyboardInterrupt
+        state["flag"] = True
+        print("\nCtrl-C: finishing this step, then saving a checkpoint (Ctrl-C again to quit at once)")
+
+    state["previous"] = signal.signal(signal.SIGINT, on_sigint)
+    return state

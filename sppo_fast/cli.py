@@ -1,11 +1,11 @@
 """`sppo-fast` command line: `train` (one typed config from preset, YAML and flags) and `plot RUN_DIR`.
 
-Every field of `train.Args` is a flag (`--batch-size 32`, `--no-liger`), documented by the field's docstring and
+Every field of `config.Args` is a flag (`--batch-size 32`, `--no-liger`), documented by the field's docstring and
 grouped by the section comments of `Args`. Precedence, lowest first: Args defaults, a preset (`--preset NAME`; the
 embedded model's demo preset `tiny` when neither --model nor --preset is given), the config.yaml of a run being
 resumed, the --config YAML file, then command-line flags. Values from YAML are checked against the field's type the
 same way flags are (YAML 1.1 reads `1e-5` as a string: it is accepted as the float it means; a string given for a
-list option is one item, never split into characters), then `train.check_args` checks every range, before anything
+list option is one item, never split into characters), then `config.check_args` checks every range, before anything
 loads.
 
 Mistakes in the options, data, model path or reward are one line on stderr and exit status 2 (`--debug`, or
@@ -89,7 +89,7 @@ def add_dataclass_flags(parser: argparse.ArgumentParser, cls, demo: dict | None 
 # YAML: presets, --config, a resumed run's config.yaml; each value typed like its flag
 def coerce(name: str, value, kind, where: str):
     """`value` (from YAML) as the Args field type `kind`, or a ConfigError naming the file, the key and the flag."""
-    from sppo_fast.train import ConfigError
+    from sppo_fast.config import ConfigError
 
     def bad():
         what = {int: "an integer", float: "a number", bool: "true or false", str: "a string",
@@ -134,7 +134,7 @@ def coerce(name: str, value, kind, where: str):
 
 def load_yaml(path, cls, where: str | None = None) -> dict:
     """The options in a YAML mapping, typed as `cls`'s fields; unknown keys and wrong types are ConfigErrors."""
-    from sppo_fast.train import ConfigError
+    from sppo_fast.config import ConfigError
 
     path, where = Path(path), where or str(path)
     if not path.is_file():
@@ -158,7 +158,7 @@ def preset_names() -> list:
 
 
 def load_preset(name: str, cls) -> dict:
-    from sppo_fast.train import ConfigError
+    from sppo_fast.config import ConfigError
 
     path = PRESETS / f"{name}.yaml"
     if not path.is_file():
@@ -189,7 +189,7 @@ def load_yaml_values(values: dict, cls, where: str) -> dict:
 # ---------------------------------------------------------------------------------------------------------------------
 # train
 def train_parser(demo: dict | None = None) -> argparse.ArgumentParser:
-    from sppo_fast.train import Args
+    from sppo_fast.config import Args
 
     demo = demo if demo is not None else load_preset(DEMO_PRESET, Args)
     demo_text = ", ".join(f"{k}={v}" for k, v in demo.items())
@@ -210,8 +210,8 @@ def train_parser(demo: dict | None = None) -> argparse.ArgumentParser:
 
 
 def build_args(argv=None):
-    """Parse `train` flags into a train.Args: preset, resumed config, YAML and flags, in that order, each typed."""
-    from sppo_fast.train import Args, ConfigError
+    """Parse `train` flags into a config.Args: preset, resumed config, YAML and flags, in that order, each typed."""
+    from sppo_fast.config import Args, ConfigError
 
     ns = vars(train_parser().parse_args(argv))
     config_path, preset = ns.pop("config"), ns.pop("preset")
@@ -258,11 +258,11 @@ def main(argv=None) -> int:
             try:
                 print(plot(ns.run_dir, ns.out, ns.keys))
             except (FileNotFoundError, ValueError) as e:  # not a run directory, a damaged file: the user's input
-                from sppo_fast.train import ConfigError
+                from sppo_fast.config import ConfigError
                 raise ConfigError(str(e)) from e
             return 0
     except Exception as e:
-        from sppo_fast.train import ConfigError
+        from sppo_fast.config import ConfigError
         if not isinstance(e, ConfigError) or debug:
             raise
         print(f"sppo-fast {command}: error: {e}", file=sys.stderr)

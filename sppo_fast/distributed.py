@@ -259,13 +259,13 @@ def even_micro_batches(groups: list) -> list:
     return groups + [[] for _ in range(most - len(groups))]
 
 
-def idle_pass(stepper, samples: list, backward: bool = True) -> None:
-    """A forward (and backward) that contributes nothing, on one of this rank's samples: the collectives that a
-    rank with fewer micro-batches owes the others. The zero gradient is exact (its upstream gradient is 0)."""
-    _, _, _, v = out = stepper.forward(stepper.pack(samples, [0]))
+def idle_pass(forward, backward: bool = True) -> None:
+    """The collectives that a rank with fewer micro-batches owes the others: `forward()` runs a forward on one of
+    this rank's samples and returns the tensors that carry its graph (None entries are skipped); a zero through them
+    is backpropagated. The zero gradient is exact (its upstream gradient is 0)."""
+    outputs = [t for t in forward() if t is not None]
     if backward:
-        zero = out[0].sum() * 0.0 + (v.sum() * 0.0 if v is not None else 0.0)
-        zero.backward()
+        sum(t.sum() * 0.0 for t in outputs).backward()
 
 
 # ---------------------------------------------------------------------------------------------------------------------

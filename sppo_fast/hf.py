@@ -26,7 +26,8 @@ import torch
 
 from sppo_fast.model import unwrap
 
-__all__ = ["causal_lm_logprobs", "lm_head_logprobs", "lm_head_params", "scored_positions"]
+__all__ = ["backbone", "causal_lm_logprobs", "compute_dtype", "head_operands", "lm_head_logprobs", "lm_head_params",
+           "scored_positions"]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -68,7 +69,7 @@ def lm_head_params(model):
     return weight, getattr(text_config, "final_logit_softcapping", None), _logit_scale(text_config)
 
 
-def _compute_dtype(hidden: torch.Tensor, weight: torch.Tensor, force_fp32: bool) -> torch.dtype:
+def compute_dtype(hidden: torch.Tensor, weight: torch.Tensor, force_fp32: bool = False) -> torch.dtype:
     """The dtype the naive `lm_head(hidden)` would compute in: autocast's when it is on (F.linear casts both
     operands), else the wider of the two (where a plain Linear would refuse mismatched dtypes)."""
     if force_fp32:
@@ -77,6 +78,16 @@ def _compute_dtype(hidden: torch.Tensor, weight: torch.Tensor, force_fp32: bool)
     if torch.is_autocast_enabled(device_type):
         return torch.get_autocast_dtype(device_type)
     return torch.promote_types(hidden.dtype, weight.dtype)
+
+
+def head_operands(hidden: torch.Tensor, weight: torch.Tensor, dtype: torch.dtype, keep_fp32_weight: bool = False):
+    """(hidden, weight) cast to `dtype` for the kernels, by differentiable casts: the gradient reaches the fp32 master
+    weight and the backbone in their own dtypes. keep_fp32_weight: leave an fp32 weight as it is (the chunked and
+    torch impls take it beside 16-bit hidden rows and run their GEMMs on its 16-bit rounding, as autocast would; dW
+    then lands in fp32 with no 16-bit copy of the head and no 16-bit grad to cast back)."""
+    if not (keep_fp32_weight and weight.dtype == torch.float32):
+        weight = weight.to(dtype)
+    return hidden.to(dtype), weight
 
 
 def lm_head_logprobs(model, hidden: torch.Tensor, targets: torch.Tensor, *, temperature: float = 1.0,
@@ -98,9 +109,7 @@ def lm_head_logprobs(model, hidden: torch.Tensor, targets: torch.Tensor, *, temp
     weight, softcap, scale = lm_head_params(model)
     hidden = hidden.to(weight.device)
     targets = targets.to(weight.device)
-    dtype = _compute_dtype(hidden, weight, force_fp32)
-    # differentiable casts: the gradient reaches the fp32 master weight and the backbone in their own dtypes
-    hidden, weight = hidden.to(dtype), weight.to(dtype)
+    hidden, weight = head_operands(hidden, weight, compute_dtype(hidden, weight, force_fp32))
     if scale != 1.0:
         hidden = hidden * scale
     # Dtypes are settled above; autocast off so the kernel's internal matmuls (torch path) stay in that dtype.
@@ -126,7 +135,9 @@ def scored_positions(attention_mask: torch.Tensor, response_mask: torch.Tensor |
     return valid
 
 
-def _backbone(model):
+def backbone(model):
+    """The decoder of a causal LM (`get_decoder()`), through a peft wrapper: its forward gives the final hidden
+    states without the lm_head. Prompt-learning adapters are refused (their virtual tokens come from the wrapper)."""
     base = unwrap(model)
     active = getattr(model, "active_peft_config", None)
     if active is not None and getattr(active, "is_prompt_learning", False):
@@ -204,7 +215,7 @@ def causal_lm_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Ten
     backbone_inputs = dict(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **decoder_kwargs)
     if position_ids is not None:
         backbone_inputs["position_ids"] = position_ids
-    hidden = _backbone(model)(**backbone_inputs).last_hidden_state  # [B, L, H]
+    hidden = backbone(model)(**backbone_inputs).last_hidden_state  # [B, L, H]
     rows = hidden[:, start:num_pos][scored]  # [N, H]: only scored positions go to the kernel
     targets = targets[:, start + 1:][scored]  # [N]
     result = lm_head_logprobs(model, rows, targets, temperature=temperature, return_entropy=return_entropy,

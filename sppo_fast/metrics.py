@@ -113,3 +113,21 @@ def plot(run_dir, out=None, keys=None) -> Path:
     fig.savefig(out, dpi=110)
     plt.close(fig)
     return out
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# what the trainer prints
+def pearson(x, y) -> float | None:
+    """Pearson correlation of two 1-D tensors (the critic's calibration: V against R), in float64."""
+    x, y = x.double() - x.double().mean(), y.double() - y.double().mean()
+    denom = (x.square().sum() * y.square().sum()).sqrt()
+    return float((x * y).sum() / denom) if denom > 0 else None  # undefined when either side is constant
+
+
+def fmt_metrics(metrics: dict) -> str:
+    return "  ".join(f"{k.split('/')[-1]}={v:.3f}" for k, v in metrics.items())
+
+
+def progress_bar(total: int, initial: int, desc: str, enabled: bool):
+    from tqdm.auto import tqdm
+    return tqdm(total=total, initial=initial, disable=not enabled, desc=desc, unit="step", dynamic_ncols=True)

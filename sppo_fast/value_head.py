@@ -13,6 +13,7 @@ Options a calibration study tries (``Args.value_*`` in train.py; measured in ben
   * more fitting per batch (``Args.value_steps``, ``Args.value_replay``): head-only optimizer steps on the detached
     prompt states of this batch and of earlier ones, which cost no backbone forward.
 """
+import collections
 import contextlib
 import math
 
@@ -108,3 +109,22 @@ def flat_states(hidden: torch.Tensor, flat_index) -> torch.Tensor:
     the same flattening as ``sppo_fast.model.hidden_states`` applies to the final layer."""
     flat = hidden.reshape(-1, hidden.shape[-1])
     return flat if flat_index is None else flat[flat_index]
+
+
+class ReplayBuffer(collections.deque):
+    """--value-steps / --value-replay: (detached prompt states [B, H], rewards [B]) of this batch and the
+    `replay` before it, which the head-only refits fit. Saved in the checkpoint, so a resumed run refits the same."""
+
+    def __init__(self, replay: int):
+        super().__init__(maxlen=replay + 1)
+
+    def tensors(self) -> dict:
+        """The buffer as named tensors, for the checkpoint's extra tensors."""
+        return {f"value_buffer.{i}.{name}": t for i, (x, r) in enumerate(self)
+                for name, t in (("states", x), ("rewards", r))}
+
+    def load(self, tensors: dict, device) -> None:
+        """Append what `tensors()` saved (other keys are ignored; none: nothing is added)."""
+        n = sum(1 for k in tensors if k.startswith("value_buffer.") and k.endswith(".states"))
+        self.extend((tensors[f"value_buffer.{i}.states"].to(device), tensors[f"value_buffer.{i}.rewards"].to(device))
+                    for i in range(n))

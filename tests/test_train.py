@@ -291,6 +291,38 @@ def test_gae_with_lambda_one_is_return_minus_value():
     torch.testing.assert_close(adv0, torch.tensor([0.1, 0.1, 0.7, 0.2, -0.7]))
 
 
+def test_algorithm_registry_declares_what_each_algorithm_needs():
+    """The loop asks the algorithm (sppo_fast/algos.py) instead of branching on --algo: check what each declares
+    and computes on a hand-made micro-batch."""
+    from sppo_fast import algos
+    from sppo_fast.config import CHOICES, algorithm
+
+    assert CHOICES["algo"] == tuple(algos.ALGOS) == ("sppo", "grpo", "ppo")
+    declared = {name: algorithm(Args(algo=name, group_size=4)) for name in algos.ALGOS}
+    assert {n: (a.samples_per_prompt, a.value, a.token_values) for n, a in declared.items()} == {
+        "sppo": (1, "head", False), "grpo": (4, "none", False), "ppo": (1, "critic", True)}
+    assert algorithm(Args(critic="policy")).value == "critic"  # SPPO with a separate critic LLM
+    assert declared["sppo"].reward_range == (0.0, 1.0) and algorithm(Args(value_loss="mse")).reward_range is None
+    R, v = torch.tensor([1.0, 0.0, 1.0, 1.0]), torch.tensor([0.3, -1.2, 2.0, 0.0])
+    # SPPO: A = R - sigmoid(v), no std normalisation; BCE on the logits
+    A, V = declared["sppo"].advantages(declared["sppo"].batch_rewards(R), v, [2, 1, 3, 1], None)
+    assert torch.equal(A, R - torch.sigmoid(v)) and torch.equal(V, torch.sigmoid(v))
+    assert torch.equal(declared["sppo"].value_loss(v, v, A, R), F.binary_cross_entropy_with_logits(v, R))
+    # GRPO: the group baseline, from the rewards alone
+    A, V = declared["grpo"].advantages(declared["grpo"].batch_rewards(R), None, [2, 1, 3, 1], None)
+    assert torch.equal(A, R - 0.75) and V is None
+    # PPO: token values -> GAE; V(prompt) is the value before the first response token
+    tv = torch.tensor([0.1, 0.2, 0.3, 0.5, 0.7])
+    A, V = algorithm(Args(algo="ppo", gae_lambda=1.0)).advantages(torch.tensor([1.0, 0.0]), tv, [3, 2],
+                                                                  torch.tensor([0, 3]))
+    torch.testing.assert_close(A, torch.tensor([0.9, 0.8, 0.7, -0.5, -0.7]))  # lambda = 1: return minus value
+    assert torch.equal(V, torch.tensor([0.1, 0.5]))
+    with pytest.raises(ValueError, match="unknown algorithm 'ppo2'"):
+        algos.get_algo("ppo2")
+    with pytest.raises(ValueError, match="registered twice"):
+        algos.register_algo("sppo")(type("Again", (algos.Algorithm,), {}))
+
+
 def test_other_architecture_from_a_directory_with_jsonl_and_math_reward(tmp_path):
     """`--model DIR --data file.jsonl --reward math` on a random-init Qwen2-style model (the GPU path, at CPU size)."""
     from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM

@@ -26,6 +26,7 @@ SPPOTrainer (Sequence-level PPO, one sample per prompt) on top of it:
     rollout time by a no-grad prompt-only forward when TRL takes several steps per rollout (num_iterations > 1 or
     steps_per_generation > gradient_accumulation_steps), exactly as `sppo_fast.train` does with its scoring pass.
     R is the weighted sum of the reward functions (TRL's reward weights), captured from TRL's own reward pass.
+    The advantage and the BCE value loss are `sppo_fast.algos`' functions, the same the trainer uses.
   * loss = PPO clip with dual clip (`ppo_clip_loss_from_logp`: epsilon / epsilon_high, `dual_clip`,
     `sppo_loss_agg`, TRL's `importance_sampling_level` as the ratio level, TRL's static `entropy_coef`)
     + value_coef * BCE(v, R); divided by the gradient-accumulation steps like TRL's losses.
@@ -56,13 +57,13 @@ import warnings
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 import transformers
 from packaging.version import Version
 from transformers import TrainerCallback
 from transformers.utils import ModelOutput
 
-from sppo_fast.hf import lm_head_logprobs
+from sppo_fast.algos import sppo_advantages, value_loss_fn, value_of
+from sppo_fast.hf import backbone, lm_head_logprobs
 from sppo_fast.value_head import ValueHead
 
 try:
@@ -172,12 +173,7 @@ def add_fused_lm_head(model, temperature: float = 1.0, cast_lm_head_to_fp32: boo
 
         aux_loss = None
         if kwargs.get("output_router_logits"):
-            from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
-
-            num_experts = getattr(text_config, "num_experts", None) or getattr(self, "num_experts")
-            top_k = getattr(text_config, "num_experts_per_tok", None) or getattr(self, "num_experts_per_tok")
-            aux_loss = load_balancing_loss_func(backbone_outputs.router_logits, num_experts, top_k,
-                                                kwargs.get("attention_mask"))
+            aux_loss = _moe_aux_loss(self, text_config, backbone_outputs.router_logits, kwargs.get("attention_mask"))
             loss = loss + getattr(text_config, "router_aux_loss_coef", 0.0) * aux_loss
 
         picked = None
@@ -189,6 +185,15 @@ def add_fused_lm_head(model, temperature: float = 1.0, cast_lm_head_to_fp32: boo
 
     model.forward = types.MethodType(_fused_forward, model)
     model._sppo_fast_fused_lm_head = True
+
+
+def _moe_aux_loss(model, text_config, router_logits, attention_mask):
+    """An MoE model's load-balancing loss, as its own forward adds it (Mixtral's formula, which TRL uses too)."""
+    from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
+
+    num_experts = getattr(text_config, "num_experts", None) or getattr(model, "num_experts")
+    top_k = getattr(text_config, "num_experts_per_tok", None) or getattr(model, "num_experts_per_tok")
+    return load_balancing_loss_func(router_logits, num_experts, top_k, attention_mask)
 
 
 def _check_no_zero3() -> None:
@@ -495,13 +500,11 @@ class SPPOTrainer(FusedGRPOTrainer):
     @torch.no_grad()
     def _prompt_values(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor) -> torch.Tensor:
         """sigmoid(v) [B] from a no-grad forward over the (left-padded) prompts: column -1 is the last token."""
-        from sppo_fast.hf import _backbone
-
         model = self.accelerator.unwrap_model(self.model)
         with self.accelerator.autocast():
-            hidden = _backbone(model)(input_ids=prompt_ids, attention_mask=prompt_mask,
-                                      use_cache=False).last_hidden_state
-        return torch.sigmoid(self._value_logits(hidden[:, -1]))
+            hidden = backbone(model)(input_ids=prompt_ids, attention_mask=prompt_mask,
+                                     use_cache=False).last_hidden_state
+        return value_of(self._value_logits(hidden[:, -1]))
 
     def _value_logits(self, prompt_states: torch.Tensor) -> torch.Tensor:
         # fp32 outside autocast: a [B, H] x [H, 1] product, where bf16 would only cost precision
@@ -538,8 +541,8 @@ class SPPOTrainer(FusedGRPOTrainer):
         scorable = ~torch.isnan(rewards)
         values = inputs.get("sppo_values")
         if values is None:
-            values = torch.sigmoid(v.detach())  # same forward, parameters not yet updated: the pre-update value
-        advantages = torch.where(scorable, rewards - values, 0.0)  # unscorable completions: no policy signal
+            values = value_of(v.detach())  # same forward, parameters not yet updated: the pre-update value
+        advantages = torch.where(scorable, sppo_advantages(rewards, values), 0.0)  # unscorable: no policy signal
 
         old_logp = inputs.get("old_per_token_logps")
         old_logp = logp.detach() if old_logp is None else old_logp
@@ -552,7 +555,7 @@ class SPPOTrainer(FusedGRPOTrainer):
             ratio_level=self.importance_sampling_level, loss_agg=args.sppo_loss_agg, entropy_coef=entropy_coef,
             impl=self.kernel_impl)
 
-        bce = F.binary_cross_entropy_with_logits(v, torch.nan_to_num(rewards), reduction="none")
+        bce = value_loss_fn(v, torch.nan_to_num(rewards), "bce", reduction="none")
         value_loss = torch.where(scorable, bce, 0.0).sum() / scorable.sum().clamp(min=1)
         loss = pg_loss + args.value_coef * value_loss
 

@@ -68,17 +68,17 @@ def _check_group(dist_process_group) -> None:
 def _logprobs_and_entropy(hidden2d: torch.Tensor, weight: torch.Tensor, labels1d: torch.Tensor, temperature,
                           impl: str):
     """The kernel call on [N, H] x [V, H] with [N] labels -> (logp [N] fp32, entropy [N] fp32)."""
-    from sppo_fast.hf import _compute_dtype
+    from sppo_fast.hf import compute_dtype, head_operands
     from sppo_fast.kernels import token_logprobs
 
     if isinstance(temperature, torch.Tensor):
         if temperature.numel() != 1:
             raise NotImplementedError("per-sample temperatures are not supported (verl's fused kernels take one)")
         temperature = temperature.item()
-    dtype = _compute_dtype(hidden2d, weight, force_fp32=False)
+    hidden2d, weight = head_operands(hidden2d, weight, compute_dtype(hidden2d, weight))
     with torch.autocast(hidden2d.device.type, enabled=False):
-        return token_logprobs(hidden2d.to(dtype), weight.to(dtype), labels1d.long(),
-                              temperature=float(temperature), return_entropy=True, impl=impl)
+        return token_logprobs(hidden2d, weight, labels1d.long(), temperature=float(temperature), return_entropy=True,
+                              impl=impl)
 
 
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,

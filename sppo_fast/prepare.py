@@ -1,0 +1,314 @@
+"""Preparing a run: everything between the parsed options and the first step.
+
+`preflight` checks what can be wrong before anything loads or is written (options, model and critic directories,
+the run directory, the reward, the data, prompt lengths, the memory plan), each mistake a ConfigError naming the flag.
+Then `open_run_dir`, `build_models`, `build_optimizer` and `restore` set up what `sppo_fast/train.py`'s loop runs.
+"""
+import inspect
+import shutil
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import torch
+
+from sppo_fast import checkpoint, data, distributed, memory, rewards
+from sppo_fast.config import Args, ConfigError, algorithm, check_args
+from sppo_fast.model import attention_implementation, check_model_dir, load_critic, load_policy, load_tokenizer
+from sppo_fast.value_head import ValueHead
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Preflight: every check that needs no model
+@dataclass
+class Preflight:
+    """What `preflight` checked and resolved, before any model loads or any directory is written."""
+    args: Args
+    model_path: str
+    critic_path: str | None  # the separate critic LLM's initial weights (PPO, or SPPO with --critic)
+    resume_ckpt: Path | None
+    run_dir: Path
+    tokenizer: object
+    train_rows: list
+    eval_rows: list
+    train_texts: list  # what the policy sees (chat template applied once, up front); rows keep the raw prompt
+    eval_texts: list
+    reward_fn: object
+    shape: object
+    plan: object
+    notes: list  # lines to print once the run starts
+
+
+def preflight(args: Args, device: torch.device) -> Preflight:
+    """Check everything that can be wrong with a run before anything is loaded or written, each mistake a
+    ConfigError naming the flag: options, model and critic directories, the run directory, the reward (importable,
+    and callable on one row), the data (readable, the columns the reward reads, an eval split), prompt lengths against
+    the model's context, the memory plan. Costs a tokenizer load and one reward call."""
+    from sppo_fast.tiny import default_model_path  # the embedded model ships inside the package
+
+    check_args(args)
+    algo = algorithm(args)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"--device {args.device}: no CUDA device is available here (use --device cpu or auto)")
+    model_path = str(_user_errors(check_model_dir, args.model or default_model_path(), flag="--model"))
+    critic_path = None
+    if algo.value == "critic":  # PPO, or SPPO with --critic
+        critic_path = model_path if args.critic in ("", "policy") else str(
+            _user_errors(check_model_dir, args.critic, flag="--critic"))
+    notes = []
+
+    resume_ckpt, run_dir = _run_dir(args, algo, model_path, notes)
+
+    # --- reward and data: the reward decides which columns every row must have
+    sandbox = {"code_sandbox": args.code_sandbox} if args.code_sandbox != "namespaces" else {}  # the opt-out
+    reward_fn = _user_errors(rewards.get_reward_fn, args.reward, **sandbox, flag="--reward")
+    columns = reward_columns(args.reward, reward_fn)
+    train_rows, eval_rows = load_data(args, columns)
+    tokenizer = load_tokenizer(model_path)
+    fmt = dict(chat_template=args.chat_template, system_prompt=args.system_prompt or None)
+    context = model_context(model_path)
+    limit, why = args.max_prompt_tokens, f"--max-prompt-tokens {args.max_prompt_tokens}"
+    if context is not None:
+        room = context - args.max_new_tokens  # prompt + response must fit the positions the model was trained on
+        if room < 1:
+            raise ConfigError(f"--max-new-tokens {args.max_new_tokens} leaves no room for a prompt in the model's "
+                              f"context of {context} tokens (max_position_embeddings)")
+        if room < limit:
+            limit, why = room, f"the model's context {context} minus --max-new-tokens {args.max_new_tokens}"
+    _user_errors(data.format_prompts, train_rows[:1], tokenizer, **fmt, flag="--chat-template")
+    kept, skipped = {}, {}
+    for split, rows in (("train", train_rows), ("eval", eval_rows)):
+        try:
+            kept[split], skipped[split] = data.filter_long_prompts(rows, tokenizer, limit, **fmt)
+        except ValueError as e:  # every prompt is too long
+            raise ConfigError(f"{split} data: {e}; the limit is {why}") from None
+    train_rows, eval_rows = kept["train"], kept["eval"]
+    if skipped["train"] or skipped["eval"]:
+        notes.append(f"skipped {skipped['train']} train and {skipped['eval']} eval prompts longer than {limit} tokens "
+                     f"({why})")
+    train_texts = data.format_prompts(train_rows, tokenizer, **fmt)
+    eval_texts = data.format_prompts(eval_rows, tokenizer, **fmt)
+    check_reward_on_one_row(reward_fn, train_rows[0], args)
+
+    # --- memory plan (sppo_fast/memory.py): weights dtype, optimizer, checkpointing and batch sizes from the budget;
+    # a budget that cannot work fails here, saying what each phase needs
+    shape = memory.model_shape(model_path, lora_rank=args.lora_rank, critic=critic_path is not None)
+    plan = _user_errors(memory.make_plan, shape, budget=args.memory_budget or None, level=args.memory_plan,
+                        seq_len=args.max_prompt_tokens + args.max_new_tokens, prompt_len=args.max_prompt_tokens,
+                        micro_batch_tokens=args.micro_batch_tokens, gen_batch_size=args.gen_batch_size,
+                        batch_sequences=args.batch_size * algo.samples_per_prompt,
+                        gradient_checkpointing=args.gradient_checkpointing, cuda=device.type == "cuda",
+                        kernel_impl=args.kernel_impl, flag="--memory-budget / --memory-plan")
+    args = replace(args, gradient_checkpointing=plan.gradient_checkpointing, micro_batch_tokens=plan.micro_batch_tokens,
+                   gen_batch_size=plan.gen_batch_size)  # resolved once; config.yaml records them
+    return Preflight(args, model_path, critic_path, resume_ckpt, run_dir, tokenizer, train_rows, eval_rows,
+                     train_texts, eval_texts, reward_fn, shape, plan, notes)
+
+
+def _run_dir(args: Args, algo, model_path: str, notes: list) -> tuple[Path | None, Path]:
+    """(checkpoint to resume or None, run directory): the resumed run's own, or a new one (an existing run is never
+    mixed into); refused with a ConfigError when it cannot be used."""
+    resume_ckpt = None
+    if args.resume:
+        resume_ckpt, skipped = _user_errors(checkpoint.newest_valid, args.resume, flag="--resume")
+        notes += [f"--resume: skipped {path}: {why}" for path, why in skipped]
+        run_dir = resume_ckpt.resolve().parent.parent  # a checkpoint lives at RUN_DIR/checkpoints/step_N
+    else:
+        name = args.run_name or f"{algo.name}__{Path(model_path).name}__{args.seed}__{time.strftime('%Y%m%d-%H%M%S')}"
+        run_dir = Path(args.out_dir) / name
+    refused = None
+    if run_dir.exists() and not run_dir.is_dir():
+        refused = f"run directory {run_dir} exists and is not a directory (--out-dir / --run-name)"
+    elif not args.resume and not args.overwrite and run_dir.is_dir() and any(run_dir.iterdir()):
+        refused = (f"run directory {run_dir} already exists: continue it with --resume {run_dir}, replace it with "
+                   f"--overwrite, or choose another --run-name")
+    # torchrun: rank 0's directory (the name holds a time stamp) and rank 0's verdict, taken before it writes there
+    run_dir, refused = distributed.broadcast_object((run_dir, refused))
+    if refused:
+        raise ConfigError(refused)
+    return resume_ckpt, run_dir
+
+
+def _user_errors(fn, *a, flag: str, **kw):
+    """fn(*a, **kw), its input errors (bad path, bad value, unimportable module) turned into a ConfigError."""
+    try:
+        return fn(*a, **kw)
+    except ConfigError:
+        raise
+    except (ValueError, OSError, ImportError, AttributeError, TypeError) as e:
+        raise ConfigError(f"{flag}: {e}") from e
+
+
+# the dataset columns each built-in reward reads (a plugin's are its keyword parameters without a default)
+REWARD_COLUMNS = {"exact": ("answer",), "gsm8k": ("answer",), "math": ("answer",), "code": ("tests",)}
+
+
+def reward_columns(spec: str, fn) -> tuple:
+    if spec.strip() in REWARD_COLUMNS:
+        return REWARD_COLUMNS[spec.strip()]
+    try:
+        params = list(inspect.signature(fn).parameters.values())[2:]  # after (prompts, completions)
+    except (TypeError, ValueError):  # a callable without an inspectable signature: checked by the one-row call
+        return ()
+    return tuple(p.name for p in params if p.default is p.empty and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY))
+
+
+def load_data(args: Args, columns: tuple) -> tuple[list, list]:
+    """(train_rows, eval_rows); every error names the file, the row and the flag that fixes it."""
+    if args.data == "synthetic":
+        return data.load_dataset("synthetic", synthetic_n_eval=args.eval_size, seed=args.seed)
+    fields_needed = (args.prompt_field, *(args.answer_field if c == "answer" else c for c in columns))
+    hints = {args.prompt_field: "--prompt-field names the column holding the prompts",
+             args.answer_field: f"--answer-field names the column holding the reference answers (--reward "
+                                f"{args.reward} reads it)"}
+
+    def read(path, which):
+        try:
+            return data.load_rows(path, prompt_field=args.prompt_field, required=fields_needed)
+        except data.MissingFieldError as e:
+            hint = hints.get(e.field, f"--reward {args.reward} reads the column {e.field!r}")
+            raise ConfigError(f"{which} {e} ({hint})") from None
+        except (ValueError, OSError, ImportError) as e:
+            raise ConfigError(f"{which} {e}") from None
+
+    rows = read(args.data, "--data")
+    if args.eval_data:
+        train, evals = rows, read(args.eval_data, "--eval-data")
+    elif args.eval_size >= len(rows):
+        raise ConfigError(f"--eval-size {args.eval_size} leaves no training rows: {args.data} has {len(rows)} rows "
+                          f"(hold out fewer with --eval-size, or give a separate --eval-data file)")
+    else:
+        train, evals = data.split_rows(rows, args.eval_size, args.seed)
+    norm = dict(prompt_field=args.prompt_field, answer_field=args.answer_field)
+    return data.normalize_rows(train, **norm), data.normalize_rows(evals, **norm)
+
+
+def model_context(model_path: str) -> int | None:
+    """The model's trained context (max_position_embeddings), or None when its config does not say."""
+    from transformers import AutoConfig
+    try:
+        config = AutoConfig.from_pretrained(model_path).get_text_config()
+    except (OSError, ValueError):  # e.g. a LoRA adapter directory: its base model's config is elsewhere
+        return None
+    return getattr(config, "max_position_embeddings", None)
+
+
+def check_reward_range(values, args) -> None:
+    """The algorithm's reward range (sppo_fast/algos.py): SPPO's BCE value loss reads V as P(success), so its
+    rewards must lie in [0, 1]; MSE (and GRPO/PPO) take any."""
+    bounds = algorithm(args).reward_range
+    if bounds is None:
+        return
+    lo, hi = bounds
+    for i, v in enumerate(values):
+        if not lo <= v <= hi:
+            raise ConfigError(f"--reward {args.reward} gave {v:g} for sample {i}, outside [{lo:g}, {hi:g}]: the BCE "
+                              f"value loss predicts a probability of success; use --value-loss mse for rewards on "
+                              f"another scale")
+
+
+def check_reward_on_one_row(reward_fn, row: dict, args: Args) -> None:
+    """Call the reward once on the first training row (with an empty completion, and with the reference answer as
+    the completion when there is one), so a reward that cannot run fails now rather than after the model loaded."""
+    completions = [""] + ([row["answer"]] if isinstance(row.get("answer"), str) else [])
+    columns = {k: [row.get(k)] * len(completions) for k in row if k != "prompt"}
+    try:
+        values = rewards.compute_rewards(reward_fn, [row["prompt"]] * len(completions), completions, columns,
+                                         allow_outside_unit=True)
+    except (RuntimeError, ValueError, TypeError) as e:
+        raise ConfigError(f"--reward {args.reward} fails on the first training row: {e}") from e
+    check_reward_range(values, args)
+
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Building the run: its directory, models, optimizer and resumed state
+def open_run_dir(pre: Preflight, device: torch.device) -> bool:
+    """Create (or, with --overwrite, recreate) the run directory, write config.yaml and the memory report, and apply
+    the memory budget. Returns whether a memory plan or budget was asked for (its report is printed then)."""
+    args, run_dir = pre.args, pre.run_dir
+    if distributed.is_main():
+        if args.overwrite and run_dir.exists():
+            shutil.rmtree(run_dir)
+            print(f"--overwrite: deleted the previous run in {run_dir}")
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if pre.resume_ckpt is not None:  # interrupted saves: never resumed from, never left to confuse
+            pre.notes += [f"removed the unfinished checkpoint {p}" for p in checkpoint.remove_unfinished(run_dir)]
+    distributed.barrier()
+    for note in pre.notes:
+        print(note)
+    memory_mode = bool(args.memory_budget) or args.memory_plan != "auto"
+    if distributed.is_main():
+        report = memory.save_report(pre.plan, pre.shape, run_dir)  # memory_report.{txt,json}: the estimate per phase
+        if memory_mode:
+            print(report)
+    if warning := memory.apply_budget(pre.plan, device):
+        print(warning)
+    if distributed.is_main():
+        import yaml
+        config = asdict(args) | {"resolved_model": str(pre.model_path)}
+        (run_dir / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    return memory_mode
+
+
+def build_models(pre: Preflight, device: torch.device):
+    """(policy, critic LLM or None, value head or None), as the algorithm asks, sharded under torchrun (FSDP2)."""
+    args, resume_ckpt, algo = pre.args, pre.resume_ckpt, algorithm(pre.args)
+    policy_path = resume_ckpt / "policy" if resume_ckpt is not None else pre.model_path
+    policy = load_policy(policy_path, device=device, attn_implementation=attention_implementation(device),
+                         gradient_checkpointing=args.gradient_checkpointing, liger=args.liger,
+                         lora_rank=0 if resume_ckpt is not None else args.lora_rank, lora_alpha=args.lora_alpha,
+                         dtype=pre.plan.dtype)
+    policy.train()
+    critic = None
+    if pre.critic_path is not None:  # a separate critic LLM (decoder only: it needs no lm_head)
+        critic_path = resume_ckpt / "critic" if resume_ckpt is not None else pre.critic_path
+        critic = load_critic(critic_path, device=device, attn_implementation=attention_implementation(device),
+                             gradient_checkpointing=args.gradient_checkpointing, dtype=pre.plan.dtype)
+        critic.train()
+    value_head = None
+    if algo.value != "none":
+        text_config = (critic or policy).config.get_text_config()
+        hidden_size, n_layers = text_config.hidden_size, text_config.num_hidden_layers
+        if not -n_layers <= args.value_layer < n_layers:
+            raise ConfigError(f"--value-layer must be in [{-n_layers}, {n_layers - 1}] for this model's {n_layers} "
+                              f"decoder layers (-1: the final hidden state), got {args.value_layer}")
+        value_head = ValueHead(hidden_size, norm=args.value_norm, mlp_hidden=args.value_mlp_hidden).to(device)
+    return distributed.shard(policy, critic, value_head)  # torchrun: FSDP2; else no-op
+
+
+def build_optimizer(args: Args, policy, critic, value_head, plan, device: torch.device):
+    """(optimizer, scheduler): param group 0 is the policy; group 1, when there is a value function, the value head
+    and the critic LLM, with their own rate, decay and gradient clipping. The plan picks the optimizer class."""
+    groups = [{"params": [p for p in policy.parameters() if p.requires_grad], "lr": args.lr,
+               "weight_decay": args.weight_decay}]
+    if value_head is not None:
+        value_params = list(value_head.parameters()) + (list(critic.parameters()) if critic is not None else [])
+        groups.append({"params": value_params, "lr": args.value_lr, "weight_decay": args.value_weight_decay})
+    optimizer = memory.build_optimizer(groups, plan.optimizer, device, betas=(0.9, 0.999), eps=1e-8)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: min(1.0, (s + 1) / args.warmup_steps) if args.warmup_steps > 0 else 1.0)
+    return optimizer, scheduler
+
+
+def restore(resume_ckpt: Path | None, value_head, optimizer, scheduler, sampler) -> tuple[int, dict, dict]:
+    """(start step, history, extra tensors) of the checkpoint being resumed (its value head, optimizer, scheduler
+    and data order restored in place), or (0, {}, {}) for a fresh run."""
+    if resume_ckpt is None:
+        return 0, {}, {}
+    meta = checkpoint.restore(resume_ckpt, value_head=value_head, optimizer=optimizer, scheduler=scheduler)
+    sampler.load_state_dict(meta["sampler"])
+    print(f"resumed from {resume_ckpt} at step {meta['step']}")
+    return meta["step"], meta["extra"].get("history", {}), meta["extra_tensors"]
+
+
+def init_device(args: Args) -> torch.device:
+    """The run's device (under torchrun: this rank's, with the process group up; only rank 0 prints) and threads."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
+    device = distributed.init(device)
+    if distributed.enabled() and args.value_steps > 1:
+        raise ConfigError("--value-steps > 1 is single-process only: the head-only refit is not written for "
+                          "torchrun's sharded value head")
+    return device
