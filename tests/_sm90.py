@@ -124,7 +124,9 @@ def _chunked_launches(recs, n=200, v=151936):
     rec = recs["_row_pass_kernel"]
     bools = (False, True)
     chunk_bytes = (n // 2) * v * 10  # one to three chunks (on meta tensors nothing is allocated)
-    with patched(chunked, "_native_16bit", lambda device, what: True), \
+    # the 16-bit GEMM branch; dW by the blocked fallback, whose meta kernels work on every torch we run (torch
+    # 2.11's meta addmm with out_dtype raises), and the dW path does not change the row pass's launches
+    with patched(chunked, "_native_16bit", lambda device, what: what == "mm"), \
             patched(chunked, "_no_autocast", lambda device: contextlib.nullcontext()):
         for case, tgt_dtype, softcap in itertools.product(FLOAT_CASES, (torch.int64, torch.int32), (None, 30.0)):
             every = tgt_dtype == torch.int64  # else only the all-features launches, for bf16 (the training dtype)
@@ -264,7 +266,7 @@ class Variant:
 def specialize(launch, backend=None):
     """Variant that Triton's launcher would compile for `launch` on the target: its binder specializes the
     arguments (the same native code as at run time), `_pack_args` turns that into signature, constexprs, attrs
-    and options. The binder and the knobs run() adds (debug, instrumentation) are Triton 3.9's (runtime/jit.py)."""
+    and options. The knobs added to kwargs are those JITFunction.run adds (runtime/jit.py, Triton 3.6 and 3.9)."""
     from triton import knobs
     from triton.compiler import make_backend
     from triton.runtime.jit import create_function_from_signature
@@ -274,8 +276,9 @@ def specialize(launch, backend=None):
     binder = create_function_from_signature(fn.signature, fn.params, backend)
     kwargs = dict(launch.kwargs)
     kwargs["debug"] = kwargs.get("debug", fn.debug) or knobs.runtime.debug
-    kwargs["instrumentation_mode"] = knobs.compilation.instrumentation_mode
-    kwargs["fpsan_homomorphic_casts"] = knobs.compilation.fpsan_homomorphic_casts
+    for knob in ("instrumentation_mode", "fpsan_homomorphic_casts"):  # 3.9 adds both, 3.6 the first
+        if hasattr(knobs.compilation, knob):
+            kwargs[knob] = getattr(knobs.compilation, knob)
     args = [_mock(a) for a in launch.args]
     kwargs = {k: _mock(v) for k, v in kwargs.items()}
     bound, specialization, opts = binder(*args, **kwargs)

@@ -254,6 +254,21 @@ def _meta(*shape, dtype=torch.float32):
     return torch.empty(shape, device="meta", dtype=dtype)
 
 
+def _meta_addmm_out_dtype():
+    """Whether this torch's meta kernel runs torch.addmm(..., out_dtype=fp32, out=acc): torch 2.13's does; 2.11's
+    decomposition takes out_dtype for beta and raises a TypeError (measured), so the in-place dW path of the CUDA
+    branch cannot be traced there."""
+    acc, half = _meta(2, 2), _meta(2, 2, dtype=torch.bfloat16)
+    try:
+        torch.addmm(acc, half, half, out_dtype=torch.float32, out=acc)
+    except TypeError:
+        return False
+    return True
+
+
+META_ADDMM_OUT_DTYPE = _meta_addmm_out_dtype()
+
+
 def test_meta_gemm_rules():
     """What the trace relies on: meta kernels enforce the output dtype rules; CudaGemmRules adds the operand rules
     and accepts exactly the calls kernels/chunked.py makes on CUDA; meta tensors refuse every host sync."""
@@ -266,7 +281,8 @@ def test_meta_gemm_rules():
     with CudaGemmRules() as rules:
         torch.mm(bf, bf_t, out_dtype=torch.float32, out=_meta(8, 8))  # chunked._mm_f32
         acc = _meta(16, 16)
-        torch.addmm(acc, bf_t, bf, out_dtype=torch.float32, out=acc)  # chunked._addmm_f32_
+        if META_ADDMM_OUT_DTYPE:
+            torch.addmm(acc, bf_t, bf, out_dtype=torch.float32, out=acc)  # chunked._addmm_f32_
         torch.mm(bf, bf_t, out=_meta(8, 8, dtype=torch.bfloat16))
         _meta(8, 16).mm(f32)
         for call in (lambda: torch.mm(bf, f32), lambda: torch.mm(bf, f32, out_dtype=torch.float32),
@@ -275,7 +291,7 @@ def test_meta_gemm_rules():
                      lambda: acc.addmm_(bf_t, bf)):
             with pytest.raises(RuntimeError, match="dtype"):
                 call()
-    assert len(rules.gemms) == 9
+    assert len(rules.gemms) == 8 + META_ADDMM_OUT_DTYPE
     for sync in (lambda t: t.sum().item(), lambda t: bool(t.sum() > 0), lambda t: t.nonzero(),
                  lambda t: t.tolist()):
         with pytest.raises((RuntimeError, NotImplementedError)):
@@ -344,7 +360,7 @@ def test_meta_trace_chunked_cuda_branch(case, impl, monkeypatch):
     triton_rows = impl == "chunked"
     chunk_bytes = (n // 2) * v * (6 if triton_rows else 14)  # 2-3 chunks: meta ops cost ~0.2 ms each
     # the in-place dW GEMM where torch has it (addmm with out_dtype), the blocked fallback where it has not
-    variants = ((True, torch.int64), (not half, torch.int32))
+    variants = ((META_ADDMM_OUT_DTYPE or not half, torch.int64), (not half, torch.int32))
     for softcap, (addmm_in_place, tgt_dtype) in itertools.product((None, 30.0), variants):
         monkeypatch.setattr(chunked, "_native_16bit", lambda device, what: what == "mm" or addmm_in_place)
         common = dict(hidden=hidden, weight=weight, targets=_meta(n, dtype=tgt_dtype), temperature=0.7,
