@@ -44,7 +44,11 @@ DEFAULT_CHUNK_BYTES = {"cuda": 512 << 20, "cpu": 128 << 20}
 _CPU_CONVERT_BYTES = 16 << 20  # fp32 V-block of a 16-bit weight converted at a time on CPU
 _ROW_BLOCK_V_GPU = 2048
 _ROW_BLOCK_V_CPU = 128  # the interpreter runs tile ops in numpy: small blocks, and still several per row in tests
-_ROW_NUM_WARPS_GPU = 8  # 8 warps x 32 lanes stream a 2048-wide block as 8 elements per thread
+# 16 warps x 32 lanes stream a 2048-wide block as 4 elements per thread. At 8 warps, ptxas (triton 3.9, sm_90) spills
+# 4 bytes in the forward-only row pass with softcap + entropy (the per-lane max/sum/entropy/target accumulators);
+# 16 warps need <= 40 registers and spill nothing on triton 3.6 and 3.9 (tests/test_gpu_readiness.py). The pass is
+# memory-bound, so fewer elements per thread costs no arithmetic; not yet timed on a GPU.
+_ROW_NUM_WARPS_GPU = 16
 _ROW_NUM_WARPS_CPU = 1  # the interpreter ignores warps
 
 
