@@ -351,6 +351,44 @@ def _require_torchao():
                           "pip install 'sppo_fast[memory]'") from err
 
 
+def _plain_state_dict(sd: dict) -> dict:
+    """A torchao optimizer's state dict with plain tensors only: a quantized state is stored as its own parts
+    ('exp_avg.codes' uint8, 'exp_avg.scale' fp32; the constant code map is rebuilt on load), so a reload is
+    bit-exact."""
+    def parts(key, value):
+        if type(value) is torch.Tensor or not isinstance(value, torch.Tensor):
+            return {key: value}
+        names, _ = value.__tensor_flatten__()
+        return {f"{key}.{name}": getattr(value, name) for name in names if name != "qmap"}
+
+    # new dicts: the packed per-param dicts are the optimizer's live state objects
+    sd["state"] = {pid: {k2: v2 for k, v in st.items() for k2, v2 in parts(k, v).items()}
+                   for pid, st in sd["state"].items()}
+    return sd
+
+
+def _restore_states(opt, saved: dict) -> None:
+    """After torch's load_state_dict (which cast every state to its param's dtype): rebuild each Adam state from the
+    saved dict `saved` ({param id: state}) at full precision, or from a quantized state's parts; lr back to floats."""
+    params = [p for group in opt.param_groups for p in group["params"]]
+    for pid, st in saved.items():
+        p, state = params[pid], opt.state[params[pid]]
+        for key in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"):
+            own = {k[len(key) + 1:]: v for k, v in st.items() if k.startswith(key + ".")}
+            if key not in st and not own:
+                continue
+            buf = opt._new_buffer(p, key == "exp_avg")
+            if own:  # a quantized state's parts
+                for name, value in own.items():
+                    getattr(buf, name).copy_(value.to(p.device))
+                    state.pop(f"{key}.{name}", None)
+            else:
+                buf.copy_(st[key].to(device=p.device, dtype=torch.float32))
+            state[key] = buf
+    for group in opt.param_groups:
+        group["lr"] = float(group["lr"])
+
+
 @functools.lru_cache(maxsize=None)
 def _torchao_classes():
     """The torchao optimizers with fp32 unquantized states, float learning rates and plain state dicts."""
@@ -387,41 +425,12 @@ def _torchao_classes():
                     group["lr"] = lr
 
         def state_dict(self):
-            """Plain tensors only: a quantized state is stored as its own parts ('exp_avg.codes' uint8,
-            'exp_avg.scale' fp32; the constant code map is rebuilt on load), so a reload is bit-exact."""
-            sd = super().state_dict()
-
-            def parts(key, value):
-                if type(value) is torch.Tensor or not isinstance(value, torch.Tensor):
-                    return {key: value}
-                names, _ = value.__tensor_flatten__()
-                return {f"{key}.{name}": getattr(value, name) for name in names if name != "qmap"}
-
-            # new dicts: the packed per-param dicts are the optimizer's live state objects
-            sd["state"] = {pid: {k2: v2 for k, v in st.items() for k2, v2 in parts(k, v).items()}
-                           for pid, st in sd["state"].items()}
-            return sd
+            return _plain_state_dict(super().state_dict())
 
         def load_state_dict(self, state_dict):
             saved = {int(pid): dict(st) for pid, st in state_dict["state"].items()}
             super().load_state_dict(state_dict)  # casts states to the param dtype: rebuilt below at full precision
-            params = [p for group in self.param_groups for p in group["params"]]
-            for pid, st in saved.items():
-                p, state = params[pid], self.state[params[pid]]
-                for key in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"):
-                    own = {k[len(key) + 1:]: v for k, v in st.items() if k.startswith(key + ".")}
-                    if key not in st and not own:
-                        continue
-                    buf = self._new_buffer(p, key == "exp_avg")
-                    if own:  # a quantized state's parts
-                        for name, value in own.items():
-                            getattr(buf, name).copy_(value.to(p.device))
-                            state.pop(f"{key}.{name}", None)
-                    else:
-                        buf.copy_(st[key].to(device=p.device, dtype=torch.float32))
-                    state[key] = buf
-            for group in self.param_groups:
-                group["lr"] = float(group["lr"])
+            _restore_states(self, saved)
 
     class AdamWSR(_Portable, _AdamW):
         """AdamW, fp32 states, bf16 params updated with stochastic rounding (fp32 params: plain AdamW)."""

@@ -232,24 +232,10 @@ def evaluate(model, tok, problems: list[dict], temperature: float = 0.0, batch_s
     return correct / max(1, len(problems))
 
 
-def build(
-    out_dir: str | os.PathLike | None = None,
-    steps: int = DEFAULT_STEPS,
-    seed: int = DEFAULT_SEED,
-    batch_size: int = 64,
-    lr: float = 2e-3,
-    warmup_steps: int = 20,
-    n_train: int = N_TRAIN,
-    n_eval: int = N_EVAL,
-    do_eval: bool = True,
-    log_every: int = 50,
-    eval_every: int = 0,
-    verbose: bool = True,
-    horizon: int = 20,
-    stop_at_acc: float | None = None,
-    check_every: int = STOP_CHECK_EVERY,
-    check_n: int = STOP_CHECK_N,
-) -> dict:
+def build(out_dir: str | os.PathLike | None = None, steps: int = DEFAULT_STEPS, seed: int = DEFAULT_SEED,
+          batch_size: int = 64, lr: float = 2e-3, warmup_steps: int = 20, n_train: int = N_TRAIN, n_eval: int = N_EVAL,
+          do_eval: bool = True, log_every: int = 50, eval_every: int = 0, verbose: bool = True, horizon: int = 20,
+          stop_at_acc: float | None = None, check_every: int = STOP_CHECK_EVERY, check_n: int = STOP_CHECK_N) -> dict:
     """Build tokenizer + model, run ``steps`` warm-up steps on the task of ``horizon`` (``synthetic.HORIZONS``;
     20 is the default task), evaluate, save to ``out_dir`` (the shipped directory when None; required for another
     horizon). With ``stop_at_acc``, ``steps`` is a cap: every ``check_every`` steps the greedy accuracy on
@@ -314,18 +300,23 @@ def build(
             if verbose:
                 print(f"held-out ({len(held)}) greedy acc {metrics['greedy_acc']:.3f}  "
                       f"sampled(T=0.6) acc {metrics['sampled_acc_t0.6']:.3f}", flush=True)
-        out_dir.mkdir(parents=True, exist_ok=True)
-        model.generation_config = _generation_config(tok, task)
-        model.save_pretrained(out_dir, safe_serialization=True)
-        # save a fresh tokenizer: the one used above carries padding state from batched generation
-        build_tokenizer(max_positions(task)).save_pretrained(out_dir)
-        _portable_tokenizer_config(out_dir)
-        for f in out_dir.iterdir():  # safetensors writes 0600; the shipped files should be world-readable
-            if f.is_file():
-                f.chmod(0o644)
+        _save(model, tok, task, out_dir)
         return metrics
     finally:
         torch.use_deterministic_algorithms(prev_det)
+
+
+def _save(model, tok, task: dict, out_dir: Path) -> None:
+    """The model directory: weights (safetensors), generation config, a fresh tokenizer, world-readable files."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model.generation_config = _generation_config(tok, task)
+    model.save_pretrained(out_dir, safe_serialization=True)
+    # save a fresh tokenizer: the one used above carries padding state from batched generation
+    build_tokenizer(max_positions(task)).save_pretrained(out_dir)
+    _portable_tokenizer_config(out_dir)
+    for f in out_dir.iterdir():  # safetensors writes 0600; the shipped files should be world-readable
+        if f.is_file():
+            f.chmod(0o644)
 
 
 def _portable_tokenizer_config(out_dir: Path) -> None:

@@ -4,7 +4,7 @@ V(prompt) = sigmoid(v), v = Linear(H, 1)(h_prompt). Because attention is causal,
 depend on the response, so the same backbone forward that produces the response log-probs also produces the critic's
 input: the critic costs one [B, H] x [H, 1] product, not a second LLM.
 
-Options a calibration study tries (``Args.value_*`` in train.py; measured in bench/results/head-*):
+Options a calibration study tries (``Args.value_*`` in config.py; measured in bench/results/head-*):
   * ``norm``: standardise the pooled state (LayerNorm without affine: the linear layer after it is the affine) so
     the head's effective step size does not depend on the scale of the residual stream;
   * ``mlp_hidden``: a small MLP (Linear -> GELU -> Linear) instead of one linear layer;
