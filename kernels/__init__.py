@@ -7,11 +7,14 @@ a torch row pass (runs anywhere), "triton" the tile-fused kernel, and "auto" pic
 "torch" otherwise (see kernels/_utils.py for why). segment_sum takes "auto"|"triton"|"torch" ("chunked" = triton).
 """
 if __name__ == "sppo_fast.kernels":
+    from .chunked import DEFAULT_CHUNK_BYTES
     from .logprobs import token_logprobs
-    from .ppo_loss import ppo_clip_loss, ppo_clip_loss_from_logp
+    from .ppo_loss import LOSS_AGGS, RATIO_LEVELS, ppo_clip_loss, ppo_clip_loss_from_logp
     from .seq_sum import segment_sum
 
-    __all__ = ["token_logprobs", "ppo_clip_loss", "ppo_clip_loss_from_logp", "segment_sum"]
+    # the ops, and the constants callers size or validate against (chunk budgets per device, loss aggregations)
+    __all__ = ["token_logprobs", "ppo_clip_loss", "ppo_clip_loss_from_logp", "segment_sum", "DEFAULT_CHUNK_BYTES",
+               "LOSS_AGGS", "RATIO_LEVELS"]
 else:
     # Imported as a top-level `kernels` because a checkout's root is on sys.path (`python -m ...`, `python -m pytest`
     # or `torchrun -m ...` run from the repo root, or a PYTHONPATH that names it). That name belongs to PyPI's

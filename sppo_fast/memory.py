@@ -42,7 +42,7 @@ from pathlib import Path
 
 import torch
 
-from sppo_fast.kernels.chunked import DEFAULT_CHUNK_BYTES
+from sppo_fast.kernels import DEFAULT_CHUNK_BYTES
 
 GiB = 1 << 30
 LEVELS = ("fp32", "ckpt", "bf16", "8bit", "offload")

@@ -294,7 +294,7 @@ class SPPOConfig(GRPOConfig):
             super().__post_init__()
         finally:
             self.num_generations = 1
-        from sppo_fast.kernels.ppo_loss import LOSS_AGGS
+        from sppo_fast.kernels import LOSS_AGGS
 
         if self.sppo_loss_agg not in LOSS_AGGS:
             raise ValueError(f"sppo_loss_agg must be one of {LOSS_AGGS}, got {self.sppo_loss_agg!r}")
