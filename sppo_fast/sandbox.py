@@ -127,13 +127,23 @@ for target, opts in mounts:
         err = ctypes.get_errno()
         if err not in (2, 20):  # ENOENT / ENOTDIR: a mount point shadowed by another mount
             fail(f"cannot make {target} read-only: {os.strerror(err)}")
-# The only writable place: a size-limited tmpfs, also standing in for the other world-writable dirs.
+# The only writable place: a size-limited tmpfs, also standing in for the other world-writable dirs. Those mounts
+# would hide an interpreter living there (a venv under /tmp): keep a handle on each such path and bind it back,
+# read-only, on top.
+SCRATCH = ("/tmp", "/var/tmp", "/dev/shm")
+under_scratch = [(path, os.open(path, os.O_PATH)) for path in cfg["expose"]
+                 if any(path == d or path.startswith(d + "/") for d in SCRATCH)]
 mount("tmpfs", "/tmp", "tmpfs", MS_NOSUID | MS_NODEV, f"size={cfg['tmp_mb']}m,mode=1777")
-for d in ("/var/tmp", "/dev/shm"):
+for d in SCRATCH[1:]:
     if os.path.isdir(d):
         os.makedirs("/tmp/.bind" + d, exist_ok=True)
         os.chmod("/tmp/.bind" + d, 0o1777)
         mount("/tmp/.bind" + d, d, None, MS_BIND)
+for path, fd in under_scratch:
+    os.makedirs(path, exist_ok=True)
+    mount(f"/proc/self/fd/{fd}", path, None, MS_BIND | MS_REC)
+    mount(None, path, None, MS_REMOUNT | MS_BIND | MS_RDONLY | MS_NOSUID | MS_NODEV)
+    os.close(fd)
 work = "/tmp/work"
 os.mkdir(work, 0o700)
 if uid is not None:
@@ -194,8 +204,13 @@ def _namespaces_cmd(source: str, limits: Limits, channel_fd: int) -> list[str]:
         raise SandboxUnavailable("the code sandbox needs `unshare` from util-linux (apt-get install util-linux); "
                                  "or pass sandbox='none' to run model code uncontained")
     root = os.geteuid() == 0
+    # As root, sys.executable as is: a venv's bin/python is a symlink to the base interpreter, and only the
+    # unresolved path finds the venv's pyvenv.cfg (so its site-packages) under `-I`; its paths are exposed, bound back
+    # over the scratch tmpfs where they live there. Unprivileged (a user namespace: untested here, CI runs as root)
+    # keeps the resolved base interpreter, which a tmpfs over /tmp cannot hide.
     cfg = {"uid": 10**9 + secrets.randbelow(10**8) if root else None, "expose": _expose_paths() if root else [],
-           "rlimits": _rlimits(limits), "tmp_mb": limits.tmp_mb, "python": os.path.realpath(sys.executable),
+           "rlimits": _rlimits(limits), "tmp_mb": limits.tmp_mb,
+           "python": sys.executable if root else os.path.realpath(sys.executable),
            "source": source, "channel_fd": channel_fd}
     ns = ["--mount", "--pid", "--net", "--ipc", "--uts", "--fork", "--kill-child", "--mount-proc"]
     if not root:

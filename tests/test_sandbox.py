@@ -30,6 +30,24 @@ def test_runs_and_reports():
     assert (result.returncode, out, result.timed_out) == (0, "45", False)
 
 
+@pytest.mark.skipif(os.geteuid() != 0, reason="the unprivileged mode runs the resolved base interpreter")
+def test_program_sees_the_trainers_environment_read_only():
+    """Model code imports what the trainer's environment has: the sandboxed interpreter is the trainer's own (a venv's
+    bin/python, whose pyvenv.cfg only the unresolved path finds), even when that venv lives under /tmp, which the
+    sandbox covers with its scratch tmpfs; and that environment stays read-only."""
+    site = next(p for p in sys.path if p.endswith("site-packages"))
+    _, out = run(f"""
+        import sys, numpy
+        try:
+            open({os.path.join(site, "sppo_fast_sandbox_probe")!r}, "w")
+            wrote = "wrote"
+        except OSError as e:
+            wrote = type(e).__name__
+        report(sys.prefix + "|" + wrote)
+        """)
+    assert out == f"{sys.prefix}|OSError", out
+
+
 def test_no_write_outside_its_temp_dir(tmp_path):
     targets = [tmp_path / "escaped", Path.cwd() / f"escaped_{secrets.token_hex(4)}", Path.home() / "escaped"]
     src = f"""
