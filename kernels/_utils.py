@@ -1,5 +1,8 @@
 """Small helpers shared by the ops: implementation choice, input checks (shapes, dtypes, devices), and the Triton
 device functions that more than one kernel calls."""
+import functools
+import re
+
 import torch
 import triton
 import triton.language as tl
@@ -33,6 +36,28 @@ def check_chunk_bytes(chunk_bytes, device: torch.device) -> int:
     if isinstance(chunk_bytes, bool) or not isinstance(chunk_bytes, int) or chunk_bytes <= 0:
         raise ValueError(f"chunk_bytes must be None or a positive int (bytes), got {chunk_bytes!r}")
     return chunk_bytes
+
+
+@functools.cache
+def _interpreter_problem():
+    """Why Triton's CPU interpreter cannot run here, or None. triton < 3.7's interpreter calls int() on a shape-(1,)
+    numpy array for every runtime loop bound, which numpy >= 2.4 refuses: a TypeError from deep inside a kernel
+    ("only 0-dimensional arrays can be converted to Python scalars") unless it is named up front."""
+    import numpy
+
+    def version(text):
+        return tuple(int(x) for x in re.findall(r"\d+", text)[:2])
+
+    if version(triton.__version__) < (3, 7) and version(numpy.__version__) >= (2, 4):
+        return (f"Triton {triton.__version__}'s CPU interpreter (TRITON_INTERPRET=1) cannot run with numpy "
+                f"{numpy.__version__}: install 'numpy<2.4' or triton >= 3.7, or use impl='torch'")
+    return None
+
+
+def check_interpreter(tensor: torch.Tensor) -> None:
+    """Raise a clear error when a Triton kernel would run on `tensor` under an interpreter that cannot work here."""
+    if not tensor.is_cuda and _interpreter_problem() is not None:
+        raise RuntimeError(_interpreter_problem())
 
 
 def check_same_device(**tensors: torch.Tensor) -> None:

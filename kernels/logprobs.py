@@ -23,7 +23,7 @@ import triton
 import triton.language as tl
 
 from . import chunked
-from ._utils import check_chunk_bytes, check_same_device, resolve_impl, tanh as _tanh
+from ._utils import check_chunk_bytes, check_interpreter, check_same_device, resolve_impl, tanh as _tanh
 
 # ------------------------------------------------------------------------------------------------------------------
 _FLOAT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
@@ -497,3 +497,5 @@ def check_triton_available(impl, hidden):
     if impl in ("triton", "chunked") and not _triton_available_for(hidden):
         raise ValueError(f"impl={impl!r} needs CUDA tensors (or TRITON_INTERPRET=1 for the CPU interpreter); "
                          "use impl='torch' or 'auto' on this device")
+    if impl in ("triton", "chunked"):
+        check_interpreter(hidden)

@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._utils import check_same_device, resolve_impl
+from ._utils import check_interpreter, check_same_device, resolve_impl
 
 BLOCK_TOKENS = 1024  # tokens per loop step; the op is memory-bound, so this only has to be large enough to stream
 
@@ -210,7 +210,10 @@ def segment_sum(values: torch.Tensor, cu_seqlens: torch.Tensor, *, impl: str = "
     if isinstance(cu_seqlens, torch.Tensor):
         check_same_device(values=values, cu_seqlens=cu_seqlens)
     check_cu_seqlens(cu_seqlens, values.shape[0], check_values=check_values)
-    return segment_sum_unchecked(values, cu_seqlens, resolve_impl(impl, values, cu_seqlens))
+    impl = resolve_impl(impl, values, cu_seqlens)
+    if impl in ("triton", "chunked"):
+        check_interpreter(values)
+    return segment_sum_unchecked(values, cu_seqlens, impl)
 
 
 def segment_sum_unchecked(values: torch.Tensor, cu_seqlens: torch.Tensor, impl: str) -> torch.Tensor:

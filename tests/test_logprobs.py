@@ -524,3 +524,30 @@ def test_fp32_master_weight_with_16bit_hidden(impl, dtype):
     assert err_mixed <= 1e-5 * max(1.0, truth[3].abs().max().item())  # fp32 accuracy: no 16-bit rounding of dW
     with pytest.raises(ValueError, match="one dtype"):
         token_logprobs(hidden, master, targets, impl="triton")
+
+
+@pytest.mark.skipif(CUDA, reason="the interpreter runs on CPU tensors only")
+def test_interpreter_that_cannot_work_is_named_up_front(monkeypatch):
+    """triton < 3.7's interpreter with numpy >= 2.4 fails inside every kernel loop (the GPU machine's triton 3.6 with
+    the newest numpy): the ops say so before launching, with the fix."""
+    import numpy
+    import triton
+
+    from sppo_fast.kernels import _utils, segment_sum
+
+    hidden, weight, targets, _, _ = _make_inputs(5, 8, 33, torch.float32)
+    for triton_version, numpy_version, bad in (("3.6.0", "2.4.1", True), ("3.6.0", "2.3.5", False),
+                                               ("3.7.0", "2.4.1", False)):
+        monkeypatch.setattr(triton, "__version__", triton_version)
+        monkeypatch.setattr(numpy, "__version__", numpy_version)
+        _utils._interpreter_problem.cache_clear()
+        for call in (lambda: token_logprobs(hidden, weight, targets, impl="triton"),
+                     lambda: token_logprobs(hidden, weight, targets, impl="chunked"),
+                     lambda: segment_sum(torch.ones(4), torch.tensor([0, 4]), impl="triton")):
+            if bad:
+                with pytest.raises(RuntimeError, match=r"install 'numpy<2.4' or triton >= 3.7"):
+                    call()
+            else:
+                call()
+        token_logprobs(hidden, weight, targets, impl="torch")  # never concerned
+    _utils._interpreter_problem.cache_clear()
