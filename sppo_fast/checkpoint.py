@@ -214,19 +214,70 @@ def restore(ckpt: Path, *, value_head, optimizer, scheduler) -> dict:
     return meta
 
 
-def catch_sigint() -> dict:
-    """Ctrl-C: finish nothing half-way; the loop saves a checkpoint at its next safe point (the end of the step) and
-    exits cleanly. A second Ctrl-C stops at once, without a checkpoint. Returns {"flag": set by the first Ctrl-C,
-    "previous": the handler to put back}."""
+class Interrupted(KeyboardInterrupt):
+    """A SIGINT or SIGTERM that stops the run where it is: `signum` says which, `at_once` whether it was a second
+    signal (the user insisted: nothing more is saved). A KeyboardInterrupt, so `except Exception` never swallows it."""
+
+    def __init__(self, signum: int, at_once: bool = False):
+        super().__init__(signal_name(signum))
+        self.signum, self.at_once = signum, at_once
+
+
+def signal_name(signum: int) -> str:
     import signal
+    return signal.Signals(signum).name
 
-    state = {"flag": False}
 
-    def on_sigint(*_):
-        if state["flag"]:
-            raise KeyboardInterrupt
-        state["flag"] = True
-        print("\nCtrl-C: finishing this step, then saving a checkpoint (Ctrl-C again to quit at once)")
+class Interrupts:
+    """SIGINT (Ctrl-C) and SIGTERM (docker stop, SLURM preemption, Kubernetes) end a run in a resumable state.
 
-    state["previous"] = signal.signal(signal.SIGINT, on_sigint)
-    return state
+    While `deferred` (the training loop sets it: a step or a save must not stop half-way; `deferring(on)` scopes it),
+    the first signal only sets `signum`, and the loop saves a checkpoint at its next safe point. Everywhere else
+    (model load, evaluation: nothing there changes the training state) the first signal raises Interrupted at once.
+    A second signal always raises Interrupted(at_once=True): quit now, keep what is on disk. Installed only in the
+    main thread (Python delivers signals there); `restore()` puts the previous handlers back."""
+
+    SIGNALS = ("SIGINT", "SIGTERM")
+
+    def __init__(self):
+        import signal
+        import threading
+
+        self.signum, self.deferred, self.previous = None, False, {}
+        if threading.current_thread() is threading.main_thread():
+            for name in self.SIGNALS:
+                sig = getattr(signal, name)
+                self.previous[sig] = signal.signal(sig, self._on_signal)
+
+    def _on_signal(self, signum, frame):
+        again = self.signum is not None
+        self.signum = self.signum or signum
+        if again or not self.deferred:
+            raise Interrupted(signum, at_once=again)
+        name = signal_name(signum)
+        # os.write, not print: a print from a handler can land inside another print of the main thread's and raise
+        os.write(2, f"\n{name}: finishing this step, then saving a checkpoint ({name} again to quit at once, "
+                    f"without saving)\n".encode())
+
+    @property
+    def requested(self) -> bool:
+        return self.signum is not None
+
+    def deferring(self, on: bool = True):
+        """Context manager: inside it, `deferred` is `on` (on: the first signal waits for the next safe point)."""
+        import contextlib
+
+        @contextlib.contextmanager
+        def scope():
+            before, self.deferred = self.deferred, on
+            try:
+                yield
+            finally:
+                self.deferred = before
+        return scope()
+
+    def restore(self) -> None:
+        import signal
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+        self.previous = {}

@@ -19,6 +19,7 @@ import logging
 import math
 import os
 import re
+import signal
 import sys
 from pathlib import Path
 
@@ -233,6 +234,19 @@ def build_args(argv=None):
     return Args(**values)
 
 
+class _Terminated(KeyboardInterrupt):
+    signum = signal.SIGTERM
+
+
+def _terminated(signum, frame):
+    raise _Terminated
+
+
+def _main_thread() -> bool:
+    import threading
+    return threading.current_thread() is threading.main_thread()  # Python sets signal handlers there only
+
+
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
@@ -242,11 +256,14 @@ def main(argv=None) -> int:
     command, rest = argv[0], argv[1:]
     debug = "--debug" in rest or os.environ.get("SPPO_FAST_DEBUG", "") not in ("", "0")
     quiet_third_party()
+    # until train.main installs its own handlers (the imports take seconds): SIGTERM stops like Ctrl-C, in one line
+    guard = command == "train" and _main_thread()
+    previous = signal.signal(signal.SIGTERM, _terminated) if guard else None
     try:
         if command == "train":
             from sppo_fast.train import main as train_main
             result = train_main(build_args(rest))
-            return 130 if result.get("interrupted") else 0
+            return 128 + result["signal"] if result.get("interrupted") else 0  # 130: SIGINT, 143: SIGTERM
         if command == "plot":
             parser = argparse.ArgumentParser(prog="sppo-fast plot")
             parser.add_argument("run_dir")
@@ -261,12 +278,19 @@ def main(argv=None) -> int:
                 from sppo_fast.config import ConfigError
                 raise ConfigError(str(e)) from e
             return 0
+    except KeyboardInterrupt as e:  # a signal before the run's handlers were in (nothing written) or after they left
+        signum = getattr(e, "signum", signal.SIGINT)
+        print(f"sppo-fast {command}: stopped by {signal.Signals(signum).name}", file=sys.stderr)
+        return 128 + signum
     except Exception as e:
         from sppo_fast.config import ConfigError
         if not isinstance(e, ConfigError) or debug:
             raise
         print(f"sppo-fast {command}: error: {e}", file=sys.stderr)
         return 2
+    finally:
+        if guard:  # None: a handler not set from Python, i.e. the default
+            signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
     print(f"sppo-fast: unknown command {command!r} (expected train or plot)", file=sys.stderr)
     return 2
 

@@ -5,6 +5,7 @@ the run directory, the reward, the data, prompt lengths, the memory plan), each 
 Then `open_run_dir`, `build_models`, `build_optimizer` and `restore` set up what `sppo_fast/train.py`'s loop runs.
 """
 import inspect
+import os
 import shutil
 import time
 from dataclasses import asdict, dataclass, replace
@@ -14,6 +15,7 @@ import torch
 
 from sppo_fast import checkpoint, data, distributed, memory, rewards
 from sppo_fast.config import Args, ConfigError, algorithm, check_args
+from sppo_fast.config import flag as option_flag
 from sppo_fast.model import attention_implementation, check_model_dir, load_critic, load_policy, load_tokenizer
 from sppo_fast.value_head import ValueHead
 
@@ -50,7 +52,7 @@ def preflight(args: Args, device: torch.device) -> Preflight:
     algo = algorithm(args)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"--device {args.device}: no CUDA device is available here (use --device cpu or auto)")
-    model_path = str(_user_errors(check_model_dir, args.model or default_model_path(), flag="--model"))
+    model_path = os.path.abspath(_user_errors(check_model_dir, args.model or default_model_path(), flag="--model"))
     critic_path = None
     if algo.value == "critic":  # PPO, or SPPO with --critic
         critic_path = model_path if args.critic in ("", "policy") else str(
@@ -100,7 +102,9 @@ def preflight(args: Args, device: torch.device) -> Preflight:
                         gradient_checkpointing=args.gradient_checkpointing, cuda=device.type == "cuda",
                         kernel_impl=args.kernel_impl, flag="--memory-budget / --memory-plan")
     args = replace(args, gradient_checkpointing=plan.gradient_checkpointing, micro_batch_tokens=plan.micro_batch_tokens,
-                   gen_batch_size=plan.gen_batch_size)  # resolved once; config.yaml records them
+                   gen_batch_size=plan.gen_batch_size, **absolute_paths(vars(args)))  # config.yaml records them
+    if args.resume:
+        notes += _moved_paths(run_dir, args)
     return Preflight(args, model_path, critic_path, resume_ckpt, run_dir, tokenizer, train_rows, eval_rows,
                      train_texts, eval_texts, reward_fn, shape, plan, notes)
 
@@ -108,14 +112,18 @@ def preflight(args: Args, device: torch.device) -> Preflight:
 def _run_dir(args: Args, algo, model_path: str, notes: list) -> tuple[Path | None, Path]:
     """(checkpoint to resume or None, run directory): the resumed run's own, or a new one (an existing run is never
     mixed into); refused with a ConfigError when it cannot be used."""
-    resume_ckpt = None
-    if args.resume:
+    resume_ckpt, resume = None, Path(args.resume).expanduser()
+    if args.resume and _not_started(resume):
+        run_dir = resume.resolve()
+        notes.append(f"--resume: {run_dir} has no checkpoint (it stopped before its first save): starting it from "
+                     f"step 0 with its config.yaml")
+    elif args.resume:
         resume_ckpt, skipped = _user_errors(checkpoint.newest_valid, args.resume, flag="--resume")
         notes += [f"--resume: skipped {path}: {why}" for path, why in skipped]
         run_dir = resume_ckpt.resolve().parent.parent  # a checkpoint lives at RUN_DIR/checkpoints/step_N
     else:
         name = args.run_name or f"{algo.name}__{Path(model_path).name}__{args.seed}__{time.strftime('%Y%m%d-%H%M%S')}"
-        run_dir = Path(args.out_dir) / name
+        run_dir = Path(os.path.abspath(Path(args.out_dir) / name))  # absolute: printed for --resume from anywhere
     refused = None
     if run_dir.exists() and not run_dir.is_dir():
         refused = f"run directory {run_dir} exists and is not a directory (--out-dir / --run-name)"
@@ -127,6 +135,43 @@ def _run_dir(args: Args, algo, model_path: str, notes: list) -> tuple[Path | Non
     if refused:
         raise ConfigError(refused)
     return resume_ckpt, run_dir
+
+
+def _not_started(path: Path) -> bool:
+    """A run directory stopped (a signal, an exception) before its first checkpoint: its config.yaml and no
+    checkpoint. `--resume` starts it again from step 0 with that config."""
+    return (not checkpoint.STEP_DIR.match(path.name) and (path / "config.yaml").is_file()
+            and not checkpoint.list_checkpoints(path))
+
+
+# the options that name files or directories (Args), and the values of them that are names, not paths
+PATH_OPTIONS = {"model": ("",), "data": ("synthetic",), "eval_data": ("",), "critic": ("", "policy")}
+
+
+def absolute_paths(values: dict) -> dict:
+    """The file and directory options among `values` made absolute, as config.yaml stores them, so that `--resume`
+    works from any working directory: --model, --data, --eval-data, --critic and a path/to/file.py:fn reward.
+    Names stay as given: the embedded model (''), 'synthetic', 'policy', a builtin reward, a module:fn plugin."""
+    out = {k: os.path.abspath(os.path.expanduser(v)) for k, names in PATH_OPTIONS.items()
+           if isinstance(v := values.get(k), str) and v not in names}
+    target, colon, fn = str(values.get("reward", "")).strip().rpartition(":")
+    if colon and (target.endswith(".py") or "/" in target or os.sep in target):  # rewards.get_reward_fn's rule
+        out["reward"] = f"{os.path.abspath(os.path.expanduser(target))}:{fn}"
+    return out
+
+
+def _moved_paths(run_dir: Path, args: Args) -> list:
+    """Notes for the paths a resumed run now takes from the command line instead of its config.yaml (e.g. the data
+    moved): which one it uses, and which one it had."""
+    import yaml
+    try:
+        stored = yaml.safe_load((run_dir / "config.yaml").read_text()) or {}
+    except (OSError, yaml.YAMLError):
+        return []
+    before, now = absolute_paths(stored), absolute_paths(vars(args))
+    return [f"--resume: using {option_flag(k)} {now[k]} (config.yaml had {before[k]})"
+            for k in now if k in before and before[k] != now[k]]
+
 
 
 def _user_errors(fn, *a, flag: str, **kw):
@@ -232,8 +277,16 @@ def open_run_dir(pre: Preflight, device: torch.device) -> bool:
             shutil.rmtree(run_dir)
             print(f"--overwrite: deleted the previous run in {run_dir}")
         run_dir.mkdir(parents=True, exist_ok=True)
-        if pre.resume_ckpt is not None:  # interrupted saves: never resumed from, never left to confuse
+        if args.resume:  # interrupted saves: never resumed from, never left to confuse
             pre.notes += [f"removed the unfinished checkpoint {p}" for p in checkpoint.remove_unfinished(run_dir)]
+        if args.resume and pre.resume_ckpt is None:  # started again from step 0: the stopped start's events go
+            shutil.rmtree(run_dir / "tb", ignore_errors=True)
+        # first thing in the directory: with it, a run stopped from here on can be resumed (from step 0 at worst)
+        import yaml
+        config = asdict(args) | {"resolved_model": str(pre.model_path)}
+        tmp = run_dir / "config.yaml.tmp"  # atomic: a signal here leaves the old config or the new, never half
+        tmp.write_text(yaml.safe_dump(config, sort_keys=False))
+        os.replace(tmp, run_dir / "config.yaml")
     distributed.barrier()
     for note in pre.notes:
         print(note)
@@ -244,10 +297,6 @@ def open_run_dir(pre: Preflight, device: torch.device) -> bool:
             print(report)
     if warning := memory.apply_budget(pre.plan, device):
         print(warning)
-    if distributed.is_main():
-        import yaml
-        config = asdict(args) | {"resolved_model": str(pre.model_path)}
-        (run_dir / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
     return memory_mode
 
 

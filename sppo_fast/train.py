@@ -69,6 +69,7 @@ class Stepper:
         self.tap_layer = args.value_layer if self.algo.value == "head" else -1  # -1: nothing hooked
         self.value_buffer = ReplayBuffer(args.value_replay)
         self.prompt_states = None  # the last forward's detached pooled prompt states (shared head only)
+        self.stepped = False  # whether this step's optimizer has touched the weights (the loop resets it)
 
     def generate(self, texts, **kwargs):
         """Rollouts under the same autocast as the update (bf16 on GPU; with fp32 master weights, generating
@@ -160,6 +161,7 @@ class Stepper:
                     for i, row in zip(group, self.prompt_states):
                         states[i] = row
             norms = clip_grad_norms(self.optimizer, args)
+            self.stepped = True  # from here an exception may leave the weights half-updated (train._save_after_error)
             if step_if_finite(self.optimizer, norms, totals):
                 _acc(totals, "stats/grad_norm", norms[0] / args.num_minibatches)
                 if norms[1] is not None:
@@ -338,13 +340,28 @@ def _evaluate(stepper, eval_rows, eval_texts, reward_fn, args) -> dict:
 # ---------------------------------------------------------------------------------------------------------------------
 # The loop
 def main(args: Args) -> dict:
+    """Train. Returns {"run_dir", "start", "end", "step"}, or {"interrupted": True, "signal", "step", "run_dir"} when
+    SIGINT or SIGTERM stopped the run (the CLI then exits with 128 + the signal's number: 130 or 143)."""
+    # The handlers go in before anything slow: a signal during the model load or the start evaluation also ends in a
+    # resumable state and one line, not a traceback (checkpoint.Interrupts says where a signal waits and where not)
+    interrupts, where = checkpoint.Interrupts(), {}
+    try:
+        return _train(args, interrupts, where)
+    except checkpoint.Interrupted as e:  # stopped where it was: outside a step, or a second signal
+        return _stopped(e, where.get("run_dir"), where.get("step"))
+    finally:
+        interrupts.restore()
+
+
+def _train(args: Args, interrupts, where: dict) -> dict:
     check_args(args)
     device = init_device(args)  # torchrun: the process group, this rank's device; only rank 0 prints
     torch.manual_seed(args.seed)
     random.seed(args.seed)
     pre = preflight(args, device)  # every check that needs no model; nothing is written before it passes
     args, run_dir, reward_fn = pre.args, pre.run_dir, pre.reward_fn
-    memory_mode = open_run_dir(pre, device)
+    where["run_dir"] = run_dir
+    memory_mode = open_run_dir(pre, device)  # config.yaml first: from here on the run can be resumed
     policy, critic, value_head = build_models(pre, device)
     optimizer, scheduler = build_optimizer(args, policy, critic, value_head, pre.plan, device)
     sampler = data.PromptSampler(len(pre.train_rows), args.batch_size, seed=args.seed)
@@ -362,12 +379,18 @@ def main(args: Args) -> dict:
     if args.num_minibatches == 1:
         print("--num-minibatches 1: one optimizer step per batch, so the PPO ratio is 1 and the clip never acts "
               "(the bar omits clip=)")
+    # completed: the newest step whose update (weights, optimizer, scheduler, data position, RNG) is whole;
+    # saved: the newest step on disk (0: none), with its directory
+    progress = {"completed": start_step, "saved": start_step if pre.resume_ckpt is not None else 0,
+                "ckpt": pre.resume_ckpt}
 
-    def save(step):
-        return checkpoint.save(run_dir, step, policy=policy, critic=critic, tokenizer=pre.tokenizer,
-                               value_head=value_head, optimizer=optimizer, scheduler=scheduler,
-                               sampler_state=sampler.state_dict(), extra={"history": history},
-                               keep_last=args.keep_last, extra_tensors=stepper.value_buffer.tensors())
+    def save(step, sampler_state=None):
+        progress["ckpt"] = checkpoint.save(
+            run_dir, step, policy=policy, critic=critic, tokenizer=pre.tokenizer, value_head=value_head,
+            optimizer=optimizer, scheduler=scheduler, sampler_state=sampler_state or sampler.state_dict(),
+            extra={"history": history}, keep_last=args.keep_last, extra_tensors=stepper.value_buffer.tensors())
+        progress["saved"] = step
+        return progress["ckpt"]
 
     def run_eval(step, key=None):
         ev = evaluate(stepper, pre.eval_rows, pre.eval_texts, reward_fn, args)
@@ -380,11 +403,17 @@ def main(args: Args) -> dict:
     counters = history.setdefault("counters", {"rollout/sampled_tokens": 0, "time/train_s": 0.0})
     if start_step == 0:
         print("eval at start: " + fmt_metrics(run_eval(0, "start")))
-    interrupted = checkpoint.catch_sigint()
     bar = progress_bar(args.steps, start_step, algo.name, args.progress and distributed.is_main())
-    nonfinite_in_a_row, step = 0, start_step
+    nonfinite_in_a_row, step, step_start = 0, start_step, None
+    # From here a signal waits for the next safe point, the end of the step (a training step, a save): never a
+    # half-done update. Only the evaluations (_interruptible) stop at once: they change no training state.
+    interrupts.deferred = True
     try:
         for step in range(start_step + 1, args.steps + 1):
+            where["step"] = step
+            # the data position and RNG at the end of the last completed step, which the weights do not hold: an
+            # exception in this step's rollout or reward saves that step with them (host-side copies, no device sync)
+            step_start, stepper.stepped = (sampler.state_dict(), checkpoint.rng_state()), False
             # --- rollout
             t0 = time.perf_counter()
             memory.phase_peak_gib(device)  # reset the CUDA peak counter: each phase below is measured alone
@@ -416,22 +445,31 @@ def main(args: Args) -> dict:
                                          f"(last at step {step}); stopping without saving a checkpoint")
             counters["rollout/sampled_tokens"] += sum(len(s.response_ids) for s in samples)
             counters["time/train_s"] += t3 - t0
+            progress["completed"] = step
             if step % args.log_every == 0 or step == args.steps:
                 log_step(step, totals, R, values, samples, (t0, t1, t2, t3), (rollout_peak, update_peak), stepper,
                          counters, logger, bar)
             bar.update(1)
-            if args.eval_every and step % args.eval_every == 0 and step != args.steps:
-                bar.write(f"step {step}: " + fmt_metrics(run_eval(step)))
+            stop = distributed.any_rank(interrupts.requested)  # torchrun: all ranks stop (and save) at the same step
+            if args.eval_every and step % args.eval_every == 0 and step != args.steps and not stop:
+                if (ev := _interruptible(interrupts, lambda: run_eval(step))) is not None:
+                    bar.write(f"step {step}: " + fmt_metrics(ev))
+                stop = distributed.any_rank(interrupts.requested)  # a signal during the evaluation
             if args.save_every and step % args.save_every == 0 and not nonfinite_in_a_row:
                 save(step)
-            if distributed.any_rank(interrupted["flag"]):  # torchrun: all ranks save at the same step
-                bar.write(f"interrupted: saved {save(step)}")
-                return {"interrupted": True, "step": step, "run_dir": str(run_dir)}
+                stop = distributed.any_rank(interrupts.requested)  # a signal during the save
+            if stop:
+                return _saved_on_signal(interrupts, save(step) if progress["saved"] != step else progress["ckpt"],
+                                        run_dir, step, bar)
         bar.close()
-        run_eval(step, "end")
+        ended = _interruptible(interrupts, lambda: run_eval(step, "end")) is not None
         ckpt = save(step)
+        if not ended:  # a signal stopped the end evaluation: the last step is saved, and --resume runs it
+            return _saved_on_signal(interrupts, ckpt, run_dir, step, bar)
+    except Exception as e:
+        _save_after_error(e, step, step_start, progress, stepper, save, run_dir)
+        raise
     finally:
-        signal.signal(signal.SIGINT, interrupted["previous"])
         bar.close()
         logger.close()
     start, end = history.get("start", {}), history["end"]
@@ -441,6 +479,83 @@ def main(args: Args) -> dict:
               f"  ({100 * (end['eval/pass@1'] - start['eval/pass@1']):+.1f} points)")
     print(f"checkpoint: {ckpt}\nplot: sppo-fast plot {run_dir}")
     return {"run_dir": str(run_dir), "start": start, "end": end, "step": step}
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Interruptions and failures: what is left on disk, and the one line that says how to continue
+def _interruptible(interrupts, evaluation):
+    """evaluation() (it changes no training state: its RNG is forked), or None when a first signal stopped it at
+    once. Under torchrun it runs to its end (its collectives need every rank) and the loop stops after it."""
+    try:
+        with interrupts.deferring(distributed.enabled()):
+            return evaluation()
+    except checkpoint.Interrupted as e:
+        if e.at_once:
+            raise
+        return None
+
+
+def _resume_hint(run_dir) -> str:
+    found = checkpoint.list_checkpoints(run_dir)
+    how = f"continues from {found[-1].name}" if found else "starts it again from step 0 (no step was saved)"
+    return f"`sppo-fast train --resume {run_dir}` {how}"
+
+
+def _say(line: str) -> None:
+    if distributed.is_main():  # torchrun: one line, not one per rank
+        print(f"sppo-fast train: {line}", file=sys.stderr, flush=True)
+
+
+def _saved_on_signal(interrupts, ckpt, run_dir, step, bar) -> dict:
+    signum = interrupts.signum or signal.SIGINT  # torchrun: another rank's signal (torchrun forwards SIGINT)
+    bar.close()
+    _say(f"interrupted: saved {ckpt} ({checkpoint.signal_name(signum)} during step {step}); "
+         f"`sppo-fast train --resume {run_dir}` continues it")
+    return {"interrupted": True, "signal": int(signum), "step": step, "run_dir": str(run_dir)}
+
+
+def _stopped(e, run_dir, step) -> dict:
+    """A signal that stopped the run where it was: before the first step (model load, start evaluation: nothing to
+    save, the run directory holds its config) or a second signal (quit at once: the checkpoints on disk stay)."""
+    name = checkpoint.signal_name(e.signum)
+    if run_dir is None or not (run_dir / "config.yaml").is_file():
+        _say(f"{name}: stopped before the run started; nothing was written")
+    else:
+        how = "quit at once, without saving" if e.at_once else "stopped before a step completed, nothing to save"
+        _say(f"{name}: {how}{f' (during step {step})' if step else ''}; {_resume_hint(run_dir)}")
+    return {"interrupted": True, "signal": int(e.signum), "step": step, "run_dir": run_dir and str(run_dir)}
+
+
+def _save_after_error(error, step, step_start, progress, stepper, save, run_dir) -> None:
+    """After an exception in step `step`, save the newest state it cannot have touched and say so on stderr; the
+    caller re-raises (a reward that raises, an OOM, a full disk: a bug to read in its traceback, not a typo).
+
+    The weights and optimizer are whole at two points of a step: before its first optimizer.step (`stepper.stepped`
+    still False; the data position and RNG go back to `step_start`, so the saved step - 1 resumes as if this step had
+    never begun) and once its update returned (`progress["completed"] == step`: step itself is saved). In between
+    an optimizer step may have updated some parameters and not others: nothing is saved. Never saved either: a
+    NaN/inf (FloatingPointError: nothing good to keep), and anything under torchrun (a save needs every rank)."""
+    what = f"step {step} raised {type(error).__name__}"
+    if isinstance(error, FloatingPointError):
+        return
+    if distributed.enabled():
+        return _say(f"{what}; not saved (under torchrun a save needs every rank); {_resume_hint(run_dir)}")
+    if progress["completed"] == step:
+        target, sampler_state = step, None
+    elif not stepper.stepped:
+        target, sampler_state = step - 1, step_start[0]
+    else:
+        return _say(f"{what} inside its optimizer update, which may have changed some weights and not others: not "
+                    f"saved; {_resume_hint(run_dir)}")
+    if target in (0, progress["saved"]):  # no step completed yet, or the last one is on disk already
+        return _say(f"{what}; {_resume_hint(run_dir)}")
+    if sampler_state is not None:
+        checkpoint.set_rng_state(*step_start[1])  # the RNG as step `target` left it
+    try:
+        ckpt = save(target, sampler_state)
+    except Exception as e:  # e.g. the disk that is full: report it, and let the original error be the one raised
+        return _say(f"{what}; saving step {target} failed too ({type(e).__name__}: {e}); {_resume_hint(run_dir)}")
+    _say(f"{what}; saved the last completed step, {ckpt}; `sppo-fast train --resume {run_dir}` continues from it")
 
 
 if __name__ == "__main__":
