@@ -215,3 +215,32 @@ def test_an_exception_in_step_3_saves_step_2_and_keeps_its_traceback(first_runs,
     resumed, straight = step_3(run_dir), step_3(run.cwd.parent / "elsewhere" / "runs" / "straight")
     for key in ("losses/policy", "losses/value", "reward/mean", "rollout/response_len"):
         assert resumed[key] == straight[key], key
+
+
+def test_resume_names_the_path_it_uses_when_the_original_moved(tmp_path, monkeypatch):
+    """config.yaml stores --data absolute; when that file moved, the path given now wins and the run says so.
+    Preflight and the run directory only: no model loads."""
+    import torch
+
+    from sppo_fast.cli import build_args
+    from sppo_fast.config import ConfigError
+    from sppo_fast.prepare import open_run_dir, preflight
+
+    cpu = torch.device("cpu")
+    (tmp_path / "old").mkdir()
+    rows = "".join(json.dumps({"prompt": f"{i}+1=", "answer": str(i + 1)}) + "\n" for i in range(20))
+    (tmp_path / "old" / "d.jsonl").write_text(rows)
+    monkeypatch.chdir(tmp_path / "old")
+    open_run_dir(preflight(build_args(["--eval-size", "4", "--data", "d.jsonl", "--out-dir", "../runs"]), cpu), cpu)
+    run_dir = next((tmp_path / "runs").iterdir())
+    assert f"data: {tmp_path / 'old' / 'd.jsonl'}\n" in (run_dir / "config.yaml").read_text()
+
+    (tmp_path / "new").mkdir()
+    (tmp_path / "old" / "d.jsonl").rename(tmp_path / "new" / "d.jsonl")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigError, match=f"--data .*{tmp_path / 'old' / 'd.jsonl'}"):
+        preflight(build_args(["--resume", str(run_dir)]), cpu)
+    pre = preflight(build_args(["--resume", str(run_dir), "--data", "new/d.jsonl"]), cpu)
+    assert (f"--resume: using --data {tmp_path / 'new' / 'd.jsonl'} (config.yaml had {tmp_path / 'old' / 'd.jsonl'})"
+            in pre.notes)
+    assert pre.args.data == str(tmp_path / "new" / "d.jsonl")
