@@ -86,6 +86,34 @@ def add_dataclass_flags(parser: argparse.ArgumentParser, cls, demo: dict | None 
                                default=argparse.SUPPRESS)
 
 
+def attach_negative_numbers(argv: list, cls) -> list:
+    """`--lr -1e-5` as `--lr=-1e-5` for every numeric flag of `cls`. argparse takes a value that starts with '-' for
+    an option unless it matches its private negative-number pattern, which differs between Python versions (3.11's
+    `^-\\d+$|^-\\d*\\.\\d+$` misses `-1e-5`, `-1.` and `-inf`): the `=` form is read the same way everywhere, so a
+    negative value gets the option's own range message instead of "expected one argument"."""
+    numeric = {"--" + f.name.replace("_", "-") for f in dataclasses.fields(cls) if f.type in (int, float)}
+    out, i = [], 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg in numeric and i + 1 < len(argv) and argv[i + 1].startswith("-") and _is_number(argv[i + 1]):
+            out.append(f"{arg}={argv[i + 1]}")
+            i += 2
+            continue
+        if arg == "--":  # everything after it is positional
+            return out + argv[i:]
+        out.append(arg)
+        i += 1
+    return out
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # YAML: presets, --config, a resumed run's config.yaml; each value typed like its flag
 def coerce(name: str, value, kind, where: str):
@@ -214,7 +242,8 @@ def build_args(argv=None):
     """Parse `train` flags into a config.Args: preset, resumed config, YAML and flags, in that order, each typed."""
     from sppo_fast.config import Args, ConfigError
 
-    ns = vars(train_parser().parse_args(argv))
+    argv = list(sys.argv[1:] if argv is None else argv)
+    ns = vars(train_parser().parse_args(attach_negative_numbers(argv, Args)))
     config_path, preset = ns.pop("config"), ns.pop("preset")
     ns.pop("debug")
     values = dict(ns)

@@ -22,8 +22,12 @@ class Args:
     """training data: 'synthetic' (the built-in addition-chain task) or a .jsonl / .json / .parquet file"""
     eval_data: str = ""
     """held-out data file; empty = split `eval_size` rows off the training data"""
-    eval_size: int = 256
-    """number of held-out rows when no eval_data is given"""
+    eval_size: float = 256
+    """held-out rows when no eval_data is given: a count (a whole number >= 1) or a fraction of the file's rows in
+    (0, 1), e.g. 0.1 (synthetic data: of its 10,000 training prompts). A split that leaves less than half the rows
+    for training is refused unless allow_small_train"""
+    allow_small_train: bool = False
+    """accept an --eval-size that holds out half or more of the --data rows"""
     prompt_field: str = "prompt"
     """dataset column holding the prompt"""
     answer_field: str = "answer"
@@ -205,7 +209,7 @@ CHOICES = {"algo": tuple(algos.ALGOS), "loss_agg": ("token-mean", "seq-mean-toke
 # Valid ranges in interval notation, exactly as the error messages print them. Fields not listed take any value of
 # their type (floats must still be finite).
 RANGES = {
-    "eval_size": "[1, inf)", "max_prompt_tokens": "[1, inf)", "gae_lambda": "[0, 1]", "value_clip": "(0, inf)",
+    "eval_size": "(0, inf)", "max_prompt_tokens": "[1, inf)", "gae_lambda": "[0, 1]", "value_clip": "(0, inf)",
     "steps": "[1, inf)", "batch_size": "[1, inf)", "group_size": "[1, inf)", "temperature": "(0, inf)",
     "top_p": "(0, 1]", "max_new_tokens": "[1, inf)", "min_new_tokens": "[0, inf)", "lr": "[0, inf)",
     "value_lr": "[0, inf)", "weight_decay": "[0, inf)", "value_weight_decay": "[0, inf)", "warmup_steps": "[0, inf)",
@@ -258,6 +262,8 @@ def check_args(args: Args) -> None:
     for name, interval in RANGES.items():
         if not in_range(getattr(args, name), interval):
             raise ConfigError(f"{flag(name)} must be in {interval}, got {getattr(args, name)}")
+    if args.eval_size >= 1 and not float(args.eval_size).is_integer():
+        raise ConfigError(f"--eval-size must be a whole number of rows or a fraction in (0, 1), got {args.eval_size}")
     if 0 < args.dual_clip <= 1:
         raise ConfigError(f"--dual-clip must be 0 (off) or > 1 (the dual-clip bound c > 1), got {args.dual_clip}")
     if args.min_new_tokens > args.max_new_tokens:

@@ -348,7 +348,7 @@ def _require_torchao():
         import torchao.optim  # noqa: F401
     except ImportError as err:
         raise ImportError("bf16 weights with stochastic rounding, 8-bit states and offload use torchao: "
-                          "pip install 'sppo_fast[memory]'") from err
+                          "pip install 'torchao>=0.18' (or pip install -e '.[memory]' in the checkout)") from err
 
 
 def _plain_state_dict(sd: dict) -> dict:

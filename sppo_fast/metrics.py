@@ -70,17 +70,20 @@ def read_metrics(run_dir) -> list:
 # then the losses and PPO statistics; timing, memory, learning rates and counters last.
 PANEL_ORDER = ("eval/pass@1", "eval/avg@", "reward/", "eval/value_pearson", "value/pearson", "eval/value_mean",
                "value/mean", "eval/", "losses/", "stats/", "rollout/", "value/", "perf/", "time/", "memory/", "lr/")
+# The learning curves: drawn even when flat, since "accuracy and reward stayed at 0" is the news a user needs
+ALWAYS_DRAWN = ("eval/pass@1", "eval/avg@", "reward/")
 
 
 def panel_keys(rows: list) -> list:
-    """The keys worth a panel, in PANEL_ORDER: series with at least two distinct finite values (a constant line,
-    e.g. the clip fraction when the ratio is 1 by construction, says nothing)."""
+    """The keys worth a panel, in PANEL_ORDER: the learning curves (ALWAYS_DRAWN) whenever they have a finite value,
+    other series when they have at least two distinct finite values (a constant line, e.g. the clip fraction when
+    the ratio is 1 by construction, says nothing)."""
     series = {}
     for r in rows:
         for k, v in r.items():
             if k != "step" and isinstance(v, (int, float)) and math.isfinite(v):
                 series.setdefault(k, set()).add(v)
-    keys = [k for k, values in series.items() if len(values) > 1]
+    keys = [k for k, values in series.items() if len(values) > 1 or k.startswith(ALWAYS_DRAWN)]
     rank = lambda k: next((i for i, prefix in enumerate(PANEL_ORDER) if k.startswith(prefix)), len(PANEL_ORDER))
     return sorted(keys, key=lambda k: (rank(k), k))
 
@@ -94,7 +97,8 @@ def plot(run_dir, out=None, keys=None) -> Path:
     rows = read_metrics(run_dir)
     keys = keys or panel_keys(rows)
     if not keys:
-        raise ValueError(f"{run_dir}/metrics.jsonl has no metric that changes over the run: nothing to plot")
+        raise ValueError(f"{run_dir}/metrics.jsonl has no reward or eval metric and no metric that changes over the "
+                         f"run: nothing to plot")
     cols = 3
     nrows = math.ceil(len(keys) / cols)
     fig, axes = plt.subplots(nrows, cols, figsize=(4.2 * cols, 2.8 * nrows), squeeze=False)

@@ -5,6 +5,7 @@ states, and hands them with `lm_head.weight` to `sppo_fast.kernels`, so [tokens 
 """
 import importlib.util
 import json
+import logging
 import warnings
 from pathlib import Path
 
@@ -29,10 +30,15 @@ def load_tokenizer(path):
     from transformers import AutoTokenizer
 
     path = check_model_dir(path)
-    tokenizer = AutoTokenizer.from_pretrained(str(path))
+    return with_pad_token(AutoTokenizer.from_pretrained(str(path)), path)
+
+
+def with_pad_token(tokenizer, path):
+    """`tokenizer`, its pad token defaulting to its EOS token (rollout batches are padded)."""
     if tokenizer.pad_token_id is None:
         if tokenizer.eos_token_id is None:
-            raise ValueError(f"the tokenizer in {path} has neither a pad token nor an EOS token; add one of them")
+            raise ValueError(f"the tokenizer in {path} has neither a pad token nor an EOS token; set pad_token or "
+                             f"eos_token in its tokenizer_config.json")
         warnings.warn(f"the tokenizer in {path} has no pad token: using its EOS token {tokenizer.eos_token!r} "
                       f"as the pad token")
         tokenizer.pad_token = tokenizer.eos_token
@@ -78,10 +84,41 @@ def load_critic(path, *, device, attn_implementation: str, gradient_checkpointin
     from transformers import AutoModel
 
     path = check_model_dir(path)
-    model = AutoModel.from_pretrained(str(path), dtype=dtype, attn_implementation=attn_implementation)
+    model = _without_expected_load_report(
+        lambda: AutoModel.from_pretrained(str(path), dtype=dtype, attn_implementation=attn_implementation,
+                                          output_loading_info=True), expected_unexpected=("lm_head.",))
     model.to(device)
     if gradient_checkpointing:
         enable_checkpointing(model)
+    return model
+
+
+def _without_expected_load_report(load, expected_unexpected: tuple):
+    """The model from `load()` (a from_pretrained(..., output_loading_info=True)), without transformers' "LOAD
+    REPORT ... not ok if you expect identical arch" warning when the only keys it reports are unexpected ones that
+    start with `expected_unexpected` (a causal LM's lm_head, which a critic's decoder leaves out by design). Any other
+    missing, unexpected or mismatched key gets the report, as it would have. The report is held back by a logging
+    filter that lives only during the load."""
+    held = []
+
+    class HoldReport(logging.Filter):
+        def filter(self, record):
+            if "LOAD REPORT" in record.getMessage():
+                held.append(record)
+                return False
+            return True
+
+    log, hold = logging.getLogger("transformers.modeling_utils"), HoldReport()
+    log.addFilter(hold)
+    try:
+        model, info = load()
+    finally:
+        log.removeFilter(hold)
+    expected = (not info.get("missing_keys") and not info.get("mismatched_keys")
+                and all(k.startswith(expected_unexpected) for k in info.get("unexpected_keys", ())))
+    if not expected:
+        for record in held:
+            log.handle(record)
     return model
 
 
@@ -111,7 +148,8 @@ def wrap_lora(model, rank: int, alpha: int, target: str):
     try:
         from peft import LoraConfig, get_peft_model
     except ImportError as err:
-        raise ImportError("--lora-rank needs peft: pip install 'sppo_fast[lora]'") from err
+        raise ImportError("--lora-rank needs peft: pip install 'peft>=0.13' (or pip install -e '.[lora]' in the "
+                          "checkout)") from err
     config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=target, lora_dropout=0.0, task_type="CAUSAL_LM")
     return get_peft_model(model, config)
 

@@ -16,7 +16,7 @@ import torch
 from sppo_fast import checkpoint, data, distributed, memory, rewards
 from sppo_fast.config import Args, ConfigError, algorithm, check_args
 from sppo_fast.config import flag as option_flag
-from sppo_fast.model import attention_implementation, check_model_dir, load_critic, load_policy, load_tokenizer
+from sppo_fast.model import attention_implementation, check_model_dir, load_critic, load_policy, with_pad_token
 from sppo_fast.value_head import ValueHead
 
 
@@ -58,6 +58,7 @@ def preflight(args: Args, device: torch.device) -> Preflight:
         critic_path = model_path if args.critic in ("", "policy") else str(
             _user_errors(check_model_dir, args.critic, flag="--critic"))
     notes = []
+    tokenizer = check_tokenizer(model_path, critic_path)
 
     resume_ckpt, run_dir = _run_dir(args, algo, model_path, notes)
 
@@ -66,7 +67,6 @@ def preflight(args: Args, device: torch.device) -> Preflight:
     reward_fn = _user_errors(rewards.get_reward_fn, args.reward, **sandbox, flag="--reward")
     columns = reward_columns(args.reward, reward_fn)
     train_rows, eval_rows = load_data(args, columns)
-    tokenizer = load_tokenizer(model_path)
     fmt = dict(chat_template=args.chat_template, system_prompt=args.system_prompt or None)
     context = model_context(model_path)
     limit, why = args.max_prompt_tokens, f"--max-prompt-tokens {args.max_prompt_tokens}"
@@ -173,6 +173,58 @@ def _moved_paths(run_dir: Path, args: Args) -> list:
             for k in now if k in before and before[k] != now[k]]
 
 
+def check_tokenizer(model_path: str, critic_path: str | None = None):
+    """The model directory's tokenizer, checked before anything is written: its files are there and load, its
+    vocabulary is not empty, every id it can produce has a row in the model's (and the critic's) embedding, and an
+    EOS token ends generation (a pad token defaults to it). Each failure is a ConfigError naming the fix."""
+    path = Path(model_path)
+    fix = (f"copy the tokenizer files of the model these weights came from into {path} (`tokenizer.save_pretrained"
+           f"('{path}')` writes them)")
+    names = [p.name for p in path.iterdir() if p.is_file()]
+    if not any(n.startswith(("tokenizer", "vocab")) or n.endswith((".model", ".tiktoken")) for n in names):
+        raise ConfigError(f"--model: {path} has no tokenizer files (tokenizer.json, tokenizer_config.json, "
+                          f"tokenizer.model, vocab.json, ...): {fix}")
+    from transformers import AutoConfig, AutoTokenizer, GenerationConfig
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(path))
+    except Exception as e:  # tokenizers and transformers raise many types (Exception included) for a bad file
+        first = (str(e).strip().splitlines() or [""])[0]
+        raise ConfigError(f"--model: the tokenizer in {path} does not load ({type(e).__name__}: {first}): "
+                          f"{fix}") from e
+    vocab = tokenizer.get_vocab()
+    if not set(vocab.values()) - set(tokenizer.all_special_ids) or not tokenizer("1 + 2 = 3").input_ids:
+        # transformers 5 builds a tokenizer class from tokenizer_config.json alone: special tokens, no vocabulary
+        raise ConfigError(f"--model: the tokenizer in {path} has an empty vocabulary ({len(vocab)} tokens, all "
+                          f"special; tokenizer.json or tokenizer.model is missing or empty): {fix}")
+    top = max(vocab.values())
+    for flag, where in (("--model", model_path), ("--critic", critic_path)):
+        if where is None or (flag == "--critic" and where == model_path):
+            continue
+        try:
+            config = AutoConfig.from_pretrained(where)
+        except (OSError, ValueError):  # a LoRA adapter directory: its base model's config is elsewhere
+            continue
+        rows = config.get_text_config().vocab_size
+        if top >= rows:
+            raise ConfigError(f"{flag}: the tokenizer in {path} has token ids up to {top}, but the model in {where} "
+                              f"embeds only {rows} (config.json vocab_size): the tokenizer belongs to another model; "
+                              f"use the one saved with these weights")
+        if flag == "--model":
+            try:
+                generation = GenerationConfig.from_pretrained(where)
+            except OSError:  # no generation_config.json: the model takes the ids of its config.json
+                generation = GenerationConfig.from_model_config(config)
+            eos = generation.eos_token_id if generation.eos_token_id is not None else tokenizer.eos_token_id
+            eos = [e for e in (eos if isinstance(eos, (list, tuple)) else [eos]) if e is not None]
+            if not eos:  # sppo_fast/rollout.py reads the EOS the same way
+                raise ConfigError(f"--model: no EOS token in {path}: neither generation_config.json, config.json nor "
+                                  f"the tokenizer names one, so no response could end; set eos_token in "
+                                  f"tokenizer_config.json or eos_token_id in generation_config.json")
+            if max(eos) >= rows:
+                raise ConfigError(f"--model: the EOS id {max(eos)} in {path} is outside the model's {rows}-token "
+                                  f"embedding (config.json vocab_size)")
+    return _user_errors(with_pad_token, tokenizer, path, flag="--model")
+
 
 def _user_errors(fn, *a, flag: str, **kw):
     """fn(*a, **kw), its input errors (bad path, bad value, unimportable module) turned into a ConfigError."""
@@ -195,13 +247,15 @@ def reward_columns(spec: str, fn) -> tuple:
         params = list(inspect.signature(fn).parameters.values())[2:]  # after (prompts, completions)
     except (TypeError, ValueError):  # a callable without an inspectable signature: checked by the one-row call
         return ()
-    return tuple(p.name for p in params if p.default is p.empty and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY))
+    return tuple(p.name for p in params if p.default is p.empty and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+                 and p.name not in rewards.TRL_CALL_ARGS)  # TRL passes those at call time; compute_rewards says so
 
 
 def load_data(args: Args, columns: tuple) -> tuple[list, list]:
     """(train_rows, eval_rows); every error names the file, the row and the flag that fixes it."""
     if args.data == "synthetic":
-        return data.load_dataset("synthetic", synthetic_n_eval=args.eval_size, seed=args.seed)
+        return data.load_dataset("synthetic", synthetic_n_train=SYNTHETIC_TRAIN, seed=args.seed,
+                                 synthetic_n_eval=eval_count(args.eval_size, SYNTHETIC_TRAIN))
     fields_needed = (args.prompt_field, *(args.answer_field if c == "answer" else c for c in columns))
     hints = {args.prompt_field: "--prompt-field names the column holding the prompts",
              args.answer_field: f"--answer-field names the column holding the reference answers (--reward "
@@ -219,13 +273,28 @@ def load_data(args: Args, columns: tuple) -> tuple[list, list]:
     rows = read(args.data, "--data")
     if args.eval_data:
         train, evals = rows, read(args.eval_data, "--eval-data")
-    elif args.eval_size >= len(rows):
-        raise ConfigError(f"--eval-size {args.eval_size} leaves no training rows: {args.data} has {len(rows)} rows "
-                          f"(hold out fewer with --eval-size, or give a separate --eval-data file)")
     else:
-        train, evals = data.split_rows(rows, args.eval_size, args.seed)
+        n_eval = eval_count(args.eval_size, len(rows))
+        fix = "hold out fewer with --eval-size (a count, or a fraction such as 0.1), or give a separate --eval-data " \
+              "file"
+        if n_eval >= len(rows):
+            raise ConfigError(f"--eval-size {args.eval_size:g} leaves no training rows: {args.data} has {len(rows)} "
+                              f"rows ({fix})")
+        if len(rows) - n_eval < n_eval and not args.allow_small_train:  # a default 256 silently ate a small file
+            raise ConfigError(f"--eval-size {args.eval_size:g} holds out {n_eval} of the {len(rows)} rows of "
+                              f"{args.data}, leaving {len(rows) - n_eval} (less than half) for training: {fix}, or "
+                              f"pass --allow-small-train to train on them anyway")
+        train, evals = data.split_rows(rows, n_eval, args.seed)
     norm = dict(prompt_field=args.prompt_field, answer_field=args.answer_field)
     return data.normalize_rows(train, **norm), data.normalize_rows(evals, **norm)
+
+
+SYNTHETIC_TRAIN = 10_000  # prompts of the synthetic task's training set; its eval set is generated apart
+
+
+def eval_count(eval_size: float, n_rows: int) -> int:
+    """--eval-size as a row count: a fraction in (0, 1) of `n_rows` (at least one row), else the count itself."""
+    return max(1, round(eval_size * n_rows)) if eval_size < 1 else int(eval_size)
 
 
 def model_context(model_path: str) -> int | None:

@@ -33,6 +33,7 @@ import concurrent.futures
 import functools
 import importlib
 import importlib.util
+import inspect
 import json
 import math
 import os
@@ -735,6 +736,37 @@ def _fn_name(fn: Callable) -> str:
     return f"{mod}.{name}" if mod else name
 
 
+# How the trainer calls every reward; a plugin written for another convention is told this instead of failing
+# somewhere inside itself.
+CALL_CONVENTION = ("sppo-fast calls a reward as fn(prompts, completions, **columns): the prompts and completions as "
+                   "two positional lists of str, then each other dataset column as a keyword list (answer=[...], "
+                   "tests=[...]); TRL's completion_ids, trainer_state, log_extra and log_metric are not passed, so "
+                   "accept them with defaults or **kwargs")
+# Arguments TRL's GRPOTrainer passes at call time; here they are neither dataset columns nor passed
+TRL_CALL_ARGS = ("completion_ids", "trainer_state", "log_extra", "log_metric")
+
+
+def signature_mismatch(fn, prompts, completions, columns) -> str | None:
+    """Why `fn` cannot take the call compute_rewards makes (CALL_CONVENTION), or None: an argument it cannot bind,
+    or a TRL-style signature that binds but would swap arguments (`def f(completions, solution, **kw)`: TRL passes
+    everything by keyword, so `completions` first is fine there and reads the prompts here)."""
+    try:
+        sig = inspect.signature(fn)
+    except (TypeError, ValueError):  # a builtin or C callable: the call itself is the check
+        return None
+    try:
+        sig.bind(prompts, completions, **columns)
+    except TypeError as e:
+        return str(e)
+    positional = [p.name for p in sig.parameters.values()
+                  if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)][:2]
+    for i, name in enumerate(("prompts", "completions")):
+        if name in positional and positional.index(name) != i:
+            return f"its parameter {name!r} is in position {positional.index(name) + 1}, so it would receive the " \
+                   f"{('prompts', 'completions')[positional.index(name)]}"
+    return None
+
+
 def compute_rewards(fn: RewardFn, prompts: Sequence[str], completions: Sequence[str],
                     columns: dict[str, Sequence] | None = None, *, allow_outside_unit: bool = False) -> list[float]:
     """Call ``fn(prompts, completions, **columns)`` and validate the result.
@@ -746,6 +778,8 @@ def compute_rewards(fn: RewardFn, prompts: Sequence[str], completions: Sequence[
     prompts, completions = list(prompts), list(completions)
     columns = {k: list(v) for k, v in (columns or {}).items()}
     name = _fn_name(fn)
+    if why := signature_mismatch(fn, prompts, completions, columns):
+        raise TypeError(f"reward fn {name} does not fit the trainer's call ({why}): {CALL_CONVENTION}")
     try:
         raw = fn(prompts, completions, **columns)
     except Exception as e:

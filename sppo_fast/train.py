@@ -5,7 +5,7 @@
     sppo-fast train --algo grpo --group-size 8        # the GRPO baseline, same loop
     python -m sppo_fast.train --config run.yaml --lr 2e-6
 
-One step, in the order of this file (../DESIGN.md has the picture):
+One step, in the order of this file (README.md's 'How one step flows' walks through it):
   rollout    Stepper.generate: ONE response per prompt at T=0.6 (GRPO: group_size)        sppo_fast/rollout.py
   reward     score_rewards: a verifiable R in [0, 1] per response                         sppo_fast/rewards.py
   advantage  algo.batch_rewards(R) now (GRPO's group baseline); SPPO's baseline inside the update's forward: the

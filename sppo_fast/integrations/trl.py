@@ -69,7 +69,8 @@ from sppo_fast.value_head import ValueHead
 try:
     from trl import GRPOConfig, GRPOTrainer
 except ImportError as err:  # pragma: no cover - exercised only without trl
-    raise ImportError("sppo_fast.integrations.trl needs TRL: pip install 'sppo_fast[trl]'") from err
+    raise ImportError("sppo_fast.integrations.trl needs TRL: pip install 'trl>=1.16,<2' (or pip install -e "
+                      "'.[trl]' in the checkout)") from err
 
 __all__ = ["FusedLMHeadOutput", "add_fused_lm_head", "FusedGRPOTrainer", "SPPOConfig", "SPPOTrainer",
            "save_value_head", "load_value_head"]
