@@ -111,6 +111,7 @@ def worker(spec_path: str) -> int:
 
     t0 = time.perf_counter()
     args = build_args(run_flags(spec) + ["--out-dir", spec["runs_dir"], "--run-name", spec["key"]])
+    per_prompt = capture_eval_rewards()
     result = main(args)
     wall = time.perf_counter() - t0
     run_dir = Path(result["run_dir"])
@@ -133,9 +134,47 @@ def worker(spec_path: str) -> int:
            "final_pass1": evals[-1]["pass1"], "final_avgk": evals[-1]["avgk"],
            "final_value_pearson": evals[-1]["value_pearson"]}
     row["score"] = (row["final_pass1"] + row["final_avgk"]) / 2
+    # per-prompt results of the final eval (for a paired bootstrap over prompts): greedy 0/1 per prompt as a string
+    # of "0"/"1", and per prompt the number of its k samples that scored 1 as a string of digits (k <= 9)
+    if per_prompt and len(per_prompt[-1]) == 2:
+        g, smp = per_prompt[-1]
+        binary = all(x in (0.0, 1.0) for x in g + smp)
+        if binary and k <= 9 and len(smp) == k * len(g):
+            row["final_pass1_per_prompt"] = "".join(str(int(x)) for x in g)
+            row["final_avgk_counts"] = "".join(str(int(sum(smp[i * k:(i + 1) * k]))) for i in range(len(g)))
     shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)  # keep metrics.jsonl, drop the weights
     Path(spec["out_json"]).write_text(json.dumps(row))
     return 0
+
+
+def capture_eval_rewards():
+    """Record each evaluation's per-prompt rewards (greedy, then the k samples) in this worker process.
+
+    The trainer's evaluation returns only means, and this benchmark may not change the package, so the worker wraps
+    `train._evaluate` and, inside it only, `train.score_rewards`: logging only. score_rewards is a pure function of
+    strings; the wrapper copies its output and draws no random numbers, so the training trajectory is unchanged
+    (checked: metrics.jsonl identical with and without it). Each worker is its own process, one run, so the patch
+    touches nothing else. Returns the list the evaluations append [greedy rewards, sampled rewards] to."""
+    from sppo_fast import train
+
+    log, on = [], []
+    evaluate, score = train._evaluate, train.score_rewards
+
+    def score_logged(*a, **kw):
+        R = score(*a, **kw)
+        if on:
+            on[-1].append([float(x) for x in R.detach().cpu().reshape(-1).tolist()])
+        return R
+
+    def evaluate_logged(*a, **kw):
+        on.append([])
+        try:
+            return evaluate(*a, **kw)
+        finally:
+            log.append(on.pop())
+
+    train._evaluate, train.score_rewards = evaluate_logged, score_logged
+    return log
 
 
 def _sha256(path):
@@ -169,10 +208,129 @@ def _std(xs):
 
 
 # ---------------------------------------------------------------------------------------------------------------------
+# uncertainty: Student t without scipy (not a dependency), intervals that include the fixed eval set's binomial noise,
+# Welch's test, and the selection rule for near-ties
+def _betacf(a, b, x):
+    """Continued fraction of the regularized incomplete beta (modified Lentz, as in Numerical Recipes)."""
+    tiny = 1e-300
+    c, d = 1.0, 1.0 - (a + b) * x / (a + 1.0)
+    d = 1.0 / (d if abs(d) > tiny else tiny)
+    h = d
+    for m in range(1, 300):
+        for num in (m * (b - m) * x / ((a + 2 * m - 1) * (a + 2 * m)),
+                    -(a + m) * (a + b + m) * x / ((a + 2 * m) * (a + 2 * m + 1))):
+            d = 1.0 + num * d
+            d = 1.0 / (d if abs(d) > tiny else tiny)
+            c = 1.0 + num / c
+            c = c if abs(c) > tiny else tiny
+            h *= d * c
+        if abs(d * c - 1.0) < 1e-15:
+            break
+    return h
+
+
+def t_sf2(t, df):
+    """Two-sided p-value P(|T| >= |t|) of Student's t with df degrees of freedom (df = inf: the normal)."""
+    t = abs(t)
+    if math.isinf(df):
+        return math.erfc(t / math.sqrt(2))
+    if t == 0:
+        return 1.0
+    x = df / (df + t * t)
+    a, b = df / 2, 0.5
+    if x <= 0:
+        return 0.0
+    lbeta = math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x) + b * math.log1p(-x)
+    if x < (a + 1) / (a + b + 2):
+        return min(1.0, math.exp(lbeta) * _betacf(a, b, x) / a)
+    return min(1.0, 1.0 - math.exp(lbeta) * _betacf(b, a, 1 - x) / b)
+
+
+def t_crit(df, level=0.95):
+    """t with P(|T| >= t) = 1 - level (bisection on t_sf2)."""
+    lo, hi = 0.0, 1e4
+    for _ in range(200):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if t_sf2(mid, df) > 1 - level else (lo, mid)
+    return (lo + hi) / 2
+
+
+def _welch_df(parts):
+    """Welch-Satterthwaite degrees of freedom of a sum of variance terms [(variance, df)]; df = inf for a known
+    variance (the binomial term). With every term known the result is inf (normal)."""
+    tot = sum(v for v, _ in parts)
+    den = sum(v * v / d for v, d in parts if not math.isinf(d) and d > 0)
+    return tot * tot / den if den > 0 else math.inf
+
+
+def cell_interval(values, n_eval, level=0.95):
+    """Mean and 95% interval of one cell (one algorithm, one metric, n seeds) on a fixed eval set of n_eval prompts.
+
+    Variance of the mean = s^2 / n (seeds) + p(1 - p) / n_eval (the eval set's binomial noise: the same prompts
+    score every seed, so averaging seeds does not remove it; for avg@k, p(1-p) bounds the per-prompt variance from
+    above, so the term is conservative). The interval is mean ± t · sqrt(variance) with Welch-Satterthwaite df
+    (the binomial term counted as known); one seed: binomial term only (normal)."""
+    xs = [x for x in values if x is not None]
+    if not xs:
+        return None
+    n, m = len(xs), sum(xs) / len(xs)
+    s2 = _std(xs) ** 2 if n > 1 else 0.0
+    b = m * (1 - m) / n_eval
+    se = math.sqrt(b + s2 / n)
+    # df of the seed part alone (n - 1): the known binomial term would raise a Satterthwaite df and could make the
+    # interval narrower than the seed-only t interval; this way it is never narrower than either part's
+    df = n - 1 if n > 1 else math.inf
+    h = t_crit(df, level) * se
+    return {"mean": m, "n": n, "sd": math.sqrt(s2) if n > 1 else None, "se": se, "df": df, "lo": m - h, "hi": m + h}
+
+
+def welch(a, b, n_eval=None):
+    """(mean(a) - mean(b), Welch's two-sided p on the seeds, p with the eval set's binomial noise added).
+
+    The first p is Welch's t on the per-seed values: it conditions on this eval set (the question "on these 256
+    prompts, does A beat B across training seeds?"). The second adds p_A(1-p_A)/N + p_B(1-p_B)/N to the variance of
+    the difference, as if the two algorithms' eval-set errors were independent (they share the prompts, so this is
+    an upper bound of that term: conservative), with the same df. None where a side has fewer than 2 values."""
+    a, b = [x for x in a if x is not None], [x for x in b if x is not None]
+    if len(a) < 2 or len(b) < 2:
+        return None
+    ma, mb = sum(a) / len(a), sum(b) / len(b)
+    parts = [(_std(a) ** 2 / len(a), len(a) - 1), (_std(b) ** 2 / len(b), len(b) - 1)]
+    df = _welch_df(parts)  # Welch-Satterthwaite on the seed terms; kept for the second p, so that p_eval >= p
+    out = {"diff": ma - mb, "n_a": len(a), "n_b": len(b), "df": df}
+    for name, extra in (("p", 0.0), ("p_eval", (ma * (1 - ma) + mb * (1 - mb)) / n_eval if n_eval else None)):
+        if extra is None:
+            out[name] = None
+            continue
+        se = math.sqrt(sum(v for v, _ in parts) + extra)
+        out[name] = t_sf2(out["diff"] / se, df) if se > 0 else (1.0 if out["diff"] == 0 else 0.0)
+    return out
+
+
+def choose(items, score, prefer, margin):
+    """The selection rule: (chosen, tied, broken). `tied` are the items whose score is within `margin` of the best
+    (|Δ| < margin: inside the selection noise); among them the one with the smallest `prefer` key wins. `broken` is
+    True when that is not the plain maximum (or the maximum itself was an exact tie). margin = 0: the plain maximum,
+    first in order on exact ties (the rule before issue 24)."""
+    best = max(items, key=score)
+    if margin <= 0:
+        return best, [best], False
+    tied = [i for i in items if score(best) - score(i) < margin]
+    chosen = min(tied, key=prefer)
+    return chosen, tied, len(tied) > 1
+
+
+def tie_margin(best_score, n_eval):
+    """The selection noise: one binomial sd of a proportion at the best score on the n_eval-prompt eval set."""
+    return math.sqrt(max(best_score * (1 - best_score), 0.0) / n_eval)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
 # the plan: sweep -> (edge extension) -> (critic lr) -> seeds, per algorithm, decided from finished runs
 class Planner:
     def __init__(self, opts, preset, model_path):
         self.o, self.preset, self.model_path = opts, preset, model_path
+        self.decisions, self.chosen = {}, {}  # per algorithm: the selection steps of the last plan(), its choice
 
     def spec(self, algo, lr, critic_mult, seed):
         o, p = self.o, self.preset
@@ -190,9 +348,26 @@ class Planner:
                 "micro_batch_tokens": p["micro_batch_tokens"], "model": o.model, "model_path": self.model_path,
                 "horizon": o.horizon, "data_flags": o.data_flags}
 
+    def _choose(self, algo, configs, score):
+        """The rule applied to (lr, critic mult) configs of seed 0: ties within one binomial sd of the best score
+        (`--tie-rule sd`) go to the policy lr nearest the preset's (log scale), then critic lr = policy lr (x1),
+        then the smaller lr; `--tie-rule max` is the plain maximum (the rule before issue 24). Records the decision."""
+        o, lr0 = self.o, self.preset["lr"]
+        best = max(configs, key=lambda mc: score(*mc))
+        margin = tie_margin(score(*best), o.eval_size) if o.tie_rule == "sd" else 0.0
+        chosen, tied, broken = choose(configs, lambda mc: score(*mc),
+                                      lambda mc: (round(abs(math.log(mc[0] / lr0)), 9), abs(math.log(mc[1])), mc[0]),
+                                      margin)
+        self.decisions.setdefault(algo, []).append(
+            {"configs": [[m, c, score(m, c)] for m, c in configs], "max": list(best), "chosen": list(chosen),
+             "tied": [list(t) for t in tied], "margin": margin, "broken": broken and chosen != best,
+             "exact_tie": sum(score(*mc) == score(*best) for mc in configs) > 1})
+        return chosen
+
     def plan(self, algo, done):
         """(specs needed so far, finished?) given `done` (key -> run row)."""
         o = self.o
+        self.decisions[algo] = []
         seed0 = o.seeds[0]
         mults = list(o.lrs)
         needed = [self.spec(algo, m, 1.0, seed0) for m in mults]
@@ -200,7 +375,7 @@ class Planner:
             return needed, False
         score = lambda m, c=1.0: done[self.spec(algo, m, c, seed0)["key"]]["score"]
         for _ in range(o.extend_edges):
-            best = max(mults, key=score)
+            best = self._choose(algo, [(m, 1.0) for m in mults], score)[0]
             lo, hi = min(mults), max(mults)
             if len(mults) < 2 or lo < best < hi:
                 break
@@ -209,7 +384,7 @@ class Planner:
             needed.append(self.spec(algo, new, 1.0, seed0))
             if needed[-1]["key"] not in done:
                 return needed, False
-        best_m = max(mults, key=score)
+        best_m = self._choose(algo, [(m, 1.0) for m in mults], score)[0]
         configs = [(best_m, 1.0)]
         if ALGOS[algo][3]:
             for c in o.critic_lr_mults:
@@ -218,7 +393,8 @@ class Planner:
                     configs.append((best_m, c))
             if not all(s["key"] in done for s in needed):
                 return needed, False
-        best_cfg = max(configs, key=lambda mc: score(*mc))
+        best_cfg = self._choose(algo, configs, score) if len(configs) > 1 else configs[0]
+        self.chosen[algo] = best_cfg
         needed += [self.spec(algo, *best_cfg, s) for s in o.seeds[1:]]
         return needed, all(s["key"] in done for s in needed)
 
@@ -378,6 +554,64 @@ def summarize(opts, planner, done):
     return summ, verdict, best
 
 
+COMPARISONS = (  # the headline comparisons: (a, b, metric, where); "equal" = at the smallest final token budget
+    ("sppo", "grpo8", "pass1", "equal"), ("sppo", "grpo8", "avgk", "equal"),
+    ("sppo", "grpo8", "pass1", "final"), ("sppo", "grpo8", "avgk", "final"),
+    ("sppo", "grpo4", "pass1", "final"), ("sppo", "ppo", "pass1", "final"), ("sppo", "ppo", "avgk", "final"),
+    ("sppo", "ppo_l1", "pass1", "final"), ("sppo", "ppo_l1", "avgk", "final"),
+    ("sppo", "sppo_critic", "pass1", "final"), ("sppo", "sppo_critic", "avgk", "final"))
+
+
+def selection_free(opts, planner, legacy, done):
+    """Per algorithm, the numbers over seeds that played no part in selection (every seed but opts.seeds[0], which
+    ran the sweep), for the configuration the tie rule chooses; where that configuration has no such seed yet (the
+    rule changed the choice and `--fresh-seeds` has not run), the plain maximum's (`legacy`) fresh seeds, flagged.
+    Then the headline comparisons on those seeds (`welch`)."""
+    n_eval = opts.eval_size
+    out = {}
+    for a in opts.algos:
+        needed, _ = planner.plan(a, done)
+        dec = planner.decisions.get(a, [])
+        cfg = planner.chosen.get(a)
+        rows, source = [], "rule"
+        if cfg is not None:
+            rows = [done[k] for k in (planner.spec(a, *cfg, sd)["key"] for sd in opts.seeds[1:]) if k in done]
+        prev = None
+        if legacy is not None:
+            legacy.plan(a, done)
+            prev = legacy.chosen.get(a)
+        if not rows and prev is not None:
+            rows = [done[k] for k in (legacy.spec(a, *prev, sd)["key"] for sd in legacy.o.seeds[1:]) if k in done]
+            source = "previous"
+        # the rule's choice so far: the full config once its runs exist, else its latest step's pick (pending)
+        pick = list(cfg) if cfg else (dec[-1]["chosen"] if dec else None)
+        out[a] = {"algo": a, "label": ALGOS[a][0], "chosen": pick, "chosen_final": cfg is not None,
+                  "previous": list(prev) if prev else None, "source": source,
+                  "changed": bool(pick and prev and tuple(pick) != tuple(prev)),
+                  "tie_broken": any(d["broken"] for d in dec), "exact_tie": any(d["exact_tie"] for d in dec),
+                  "decisions": dec, "seeds": [r["seed"] for r in rows], "runs": [r["key"] for r in rows],
+                  "lr": rows[0]["lr"] if rows else None, "value_lr": rows[0]["value_lr"] if rows else None,
+                  "missing_seeds": [sd for sd in opts.seeds[1:] if cfg and
+                                    planner.spec(a, *cfg, sd)["key"] not in done],
+                  "pending_runs": [x["key"] for x in needed if x["key"] not in done], "_rows": rows}
+    t_eq = min((r["final_tokens"] for f in out.values() for r in f["_rows"]), default=None)
+    for f in out.values():
+        rows = f.pop("_rows")
+        f["equal_tokens"] = t_eq
+        for y in ("pass1", "avgk"):
+            f[f"final_{y}_values"] = [r[f"final_{y}"] for r in rows]
+            f[f"final_{y}"] = cell_interval(f[f"final_{y}_values"], n_eval)
+            f[f"{y}_at_equal_tokens_values"] = [interp(mean_curve([r], "tokens", y), t_eq) for r in rows] if t_eq else []
+            f[f"{y}_at_equal_tokens"] = cell_interval(f[f"{y}_at_equal_tokens_values"], n_eval)
+    comps = []
+    for a, b, y, where in COMPARISONS:
+        if a in out and b in out:
+            key = f"final_{y}_values" if where == "final" else f"{y}_at_equal_tokens_values"
+            w = welch(out[a][key], out[b][key], n_eval)
+            comps.append({"a": a, "b": b, "metric": y, "where": where, "test": w})
+    return out, comps
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # report
 def fmt(x, f=".3f", none="-"):
@@ -392,11 +626,88 @@ def pct(x, sd=None):
     return f"{100 * x:.1f}" + (f" ± {100 * sd:.1f}" if sd is not None else "")
 
 
-def write_markdown(path, opts, env, preset, done, summ, verdict, png_name, failed, total_wall, best_rows=None):
+def ci(c, none="-"):
+    """'mean [lo, hi] (n=…)' in percent of a cell_interval."""
+    if not c:
+        return none
+    # an accuracy lies in [0, 100]: the interval is shown clipped to it (n=2 gives t = 12.7 and wide intervals)
+    return f"{100 * c['mean']:.1f} [{100 * max(c['lo'], 0.0):.1f}, {100 * min(c['hi'], 1.0):.1f}] (n={c['n']})"
+
+
+def pval(p):
+    return "-" if p is None else (f"{p:.3f}" if p >= 0.001 else "<0.001")
+
+
+def _cfg(a, cfg):
+    if not cfg:
+        return "-"
+    lr, c = cfg
+    return f"{lr:.3g}" + (f" (critic ×{c:g})" if ALGOS[a][3] else "")
+
+
+def free_markdown(opts, free, comps, horizon):
+    """The selection-free table, the headline comparisons and the footer that says how both are computed."""
+    k, s0 = opts.eval_k, opts.seeds[0]
+    eq = next(iter(free.values()))["equal_tokens"] if free else None
+    L = [f"## Selection-free results, horizon {horizon} (seeds other than the selection seed {s0})\n",
+         f"Seed {s0} chose each configuration (the lr sweep) and is left out here. Chosen by the rule: ties on seed "
+         f"{s0}'s score within one binomial sd of the best (sqrt(s(1-s)/{opts.eval_size})) go to the policy lr nearest "
+         f"the preset's, then critic lr ×1, then the smaller lr (`--tie-rule {opts.tie_rule}`). Target: "
+         f"{len(opts.seeds) - 1} selection-free seeds per cell (`--fresh-seeds` adds them).\n",
+         f"| algorithm | chosen lr (rule) | seed-0 argmax (before) | selection | seeds | pass@1 % [95% CI] | "
+         f"avg@{k} % [95% CI] | pass@1 @ {fmt(eq, ',.0f')} tok % [95% CI] | avg@{k} @ equal tok % [95% CI] |",
+         "|" + "---|" * 9]
+    for a, f in free.items():
+        sel = []
+        for d in f["decisions"]:
+            if d["broken"] or d["exact_tie"]:
+                sel.append(("exact tie" if d["exact_tie"] else "tie") + f" within {100 * d['margin']:.1f} pts: "
+                           + ", ".join(_cfg(a, t) for t in d["tied"]) + f" → rule picks {_cfg(a, d['chosen'])}")
+        note = "; ".join(sel) or "clear maximum"
+        if f["changed"]:
+            note += " — **the rule changes the choice**"
+        if not f.get("chosen_final", True) and f["pending_runs"]:
+            note += (f"; the rule's choice is not final until {len(f['pending_runs'])} more seed-{s0} run(s) "
+                     "(edge extension / critic lr) finish (`--fresh-seeds`)")
+        if f["source"] == "previous":
+            note += "; numbers below are the seed-0 argmax's fresh seeds (rule's choice: 0 seeds, run `--fresh-seeds`)"
+        elif f["missing_seeds"]:
+            note += f"; seeds {','.join(map(str, f['missing_seeds']))} pending (`--fresh-seeds`)"
+        pend = "" if f.get("chosen_final", True) else " (so far)"
+        L.append(f"| {f['label']} | {_cfg(a, f['chosen'])}{pend} | {_cfg(a, f['previous'])} | {note} | "
+                 f"{','.join(map(str, f['seeds'])) or '-'} | {ci(f['final_pass1'])} | {ci(f['final_avgk'])} | "
+                 f"{ci(f['pass1_at_equal_tokens'])} | {ci(f['avgk_at_equal_tokens'])} |")
+    L += ["", f"### Headline comparisons, horizon {horizon} (selection-free seeds)\n",
+          "| comparison | metric | difference, points | n (a / b) | Welch p (seeds, this eval set) | "
+          "p incl. eval-set noise |", "|---|---|---|---|---|---|"]
+    for c in comps:
+        w, name = c["test"], f"{ALGOS[c['a']][0]} − {ALGOS[c['b']][0]}"
+        metric = ("pass@1" if c["metric"] == "pass1" else f"avg@{k}") + (" final" if c["where"] == "final" else
+                                                                          f" @ {fmt(eq, ',.0f')} tok")
+        if w is None:
+            L.append(f"| {name} | {metric} | - | - | needs ≥ 2 seeds a side | - |")
+        else:
+            L.append(f"| {name} | {metric} | {100 * w['diff']:+.1f} | {w['n_a']} / {w['n_b']} | {pval(w['p'])} | "
+                     f"{pval(w['p_eval'])} |")
+    L += ["", f"How these are computed: per cell, mean over the selection-free seeds; 95% CI = mean ± t·sqrt(s²/n + "
+          f"p(1−p)/{opts.eval_size}), s the seed sd, p the mean, {opts.eval_size} the fixed eval prompts (their "
+          "binomial noise is shared by every seed, so it does not average out; for avg@k p(1−p) is an upper bound), "
+          "t with n−1 df (n=1: normal), shown clipped to [0, 100]. Comparisons: Welch's t-test on the per-seed values (two-sided, "
+          "Welch-Satterthwaite df), first conditional on this eval set, then with p_a(1−p_a)/N + p_b(1−p_b)/N "
+          "added to the variance of the difference at the same df (eval-set noise as if independent between the two "
+          "algorithms: an upper bound, since they share the prompts, so that p is conservative). With n=2 a side the test has "
+          "1-2 df and little power: a large p is not evidence of a tie. The rows do not yet hold per-prompt "
+          "results (added from 2026-12 on: `final_pass1_per_prompt`, `final_avgk_counts`), so no paired bootstrap "
+          "over prompts yet.", ""]
+    return L
+
+
+def write_markdown(path, opts, env, preset, done, summ, verdict, png_name, failed, total_wall, best_rows=None,
+                   free=None, comps=None):
     best_rows = best_rows or {}
     k = opts.eval_k
     L = []
-    L.append(f"# Learning efficiency on CPU — {env['timestamp'][:10]}\n")
+    L.append(f"# Learning efficiency on CPU, horizon {opts.horizon} — {env['timestamp'][:10]}\n")
     L.append(f"Machine: {env['cpu']}, {env['usable_cores']} usable cores (shared with other jobs; 1-min load "
              f"{fmt(env['load_avg_1m'], '.1f')} at start), torch {env['torch']}, transformers {env['transformers']}, "
              f"git {env['git_sha']}{' (dirty tree)' if env['git_dirty'] else ''}. {len(done)} runs, {opts.workers} at a "
@@ -415,7 +726,10 @@ def write_markdown(path, opts, env, preset, done, summ, verdict, png_name, faile
              f"(pass@1 + avg@{k})/2; the chosen configuration runs seeds {', '.join(map(str, opts.seeds))}. "
              f"SPPO's shared value head: value_lr {preset['value_lr']:g} (preset).\n")
     L.append(f"![learning curves]({png_name})\n")
-    L.append("## Results at each algorithm's best learning rate (mean ± sd over seeds)\n")
+    if free:
+        L += free_markdown(opts, free, comps, opts.horizon)
+    L.append("## Results at each algorithm's best learning rate, selection seed included (mean ± sd over seeds; the "
+             "seed-0 argmax, the numbers committed before issue 24)\n")
     hdr = ["algorithm", "lr", "critic lr", "prompts×samples/step", "steps", "pass@1 start→final %",
            f"avg@{k} start→final %", "sampled tokens", "train s", f"pass@1 @ {fmt(next(iter(summ.values()))['equal_tokens'], '.0f')} tok %",
            f"avg@{k} @ equal tok %", "tokens to pass@1 thr", "tokens to avg@k thr", "train s to pass@1 thr",
@@ -487,15 +801,18 @@ def write_markdown(path, opts, env, preset, done, summ, verdict, png_name, faile
                          f"({100 * verdict[f'sppo_minus_{ppo}_avgk']:+.1f}).")
         L.append("")
     L.append("## Learning-rate sweep (seed %d, final eval)\n" % opts.seeds[0])
-    L.append(f"| algorithm | lr | critic lr | pass@1 % | avg@{k} % | score | train s |")
-    L.append("|---|---|---|---|---|---|---|")
+    L.append(f"| algorithm | lr | critic lr | pass@1 % | avg@{k} % | score | train s | chosen |")
+    L.append("|---|---|---|---|---|---|---|---|")
     for a in opts.algos:
         rows = sorted((r for r in done.values() if r["algo"] == a and r["seed"] == opts.seeds[0]),
                       key=lambda r: (r["lr"], r["value_lr"]))
+        f = (free or {}).get(a) or {}
         for r in rows:
             clr = "-" if ALGOS[a][2] > 1 else f"{r['value_lr']:.3g}" + ("" if ALGOS[a][3] else " (head)")
+            cfg = [r["lr"], r["critic_lr_mult"] or 1.0]
+            mark = ", ".join(m for m, c in (("rule", f.get("chosen")), ("argmax", f.get("previous"))) if c == cfg)
             L.append(f"| {r['label']} | {r['lr']:.3g} | {clr} | {pct(r['final_pass1'])} | "
-                     f"{pct(r['final_avgk'])} | {100 * r['score']:.1f} | {r['final_train_s']:.0f} |")
+                     f"{pct(r['final_avgk'])} | {100 * r['score']:.1f} | {r['final_train_s']:.0f} | {mark} |")
     L.append("")
     L.append("## Every run\n")
     L.append(f"| run | pass@1 % | avg@{k} % | tokens | train s | wall s |")
@@ -508,39 +825,57 @@ def write_markdown(path, opts, env, preset, done, summ, verdict, png_name, faile
     Path(path).write_text("\n".join(L) + "\n")
 
 
-def plot(path, opts, summ, best, done):
+def plot(path, opts, summ, best, done, chosen=None, curve_note="seed-mean"):
+    """`best`: per algorithm the runs drawn as curves (the selection-free seeds where there are any); `chosen`: per
+    algorithm the (lr, critic mult) to ring in the sweep panel."""
+    chosen = chosen or {}
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     k = opts.eval_k
     fig, axes = plt.subplots(2, 3, figsize=(16, 8.5))
+    for i in range(2):  # the tokens and seconds panels of one metric are read against each other: one y scale
+        axes[i, 1].sharey(axes[i, 0])
     colors = {"sppo": "C0", "grpo4": "C1", "grpo8": "C2", "ppo": "C3", "sppo_critic": "C4", "ppo_l1": "C5"}
     for i, (y, yname) in enumerate((("pass1", "greedy pass@1"), ("avgk", f"avg@{k}"))):
         for j, (x, xname) in enumerate((("tokens", "sampled tokens"), ("train_s", "training seconds (eval excluded)"))):
             ax = axes[i, j]
             for a, rows in best.items():
+                if not rows:
+                    continue
                 c = mean_curve(rows, x, y)
                 xs = [p[0] for p in c]
                 ax.plot(xs, [p[1] for p in c], color=colors.get(a), marker="o", markersize=3,
-                        label=f"{ALGOS[a][0]} (lr {summ[a]['lr']:.2g}, n={len(rows)})")
+                        label=f"{ALGOS[a][0]} (lr {rows[0]['lr']:.2g}, seeds {','.join(str(r['seed']) for r in rows)})")
                 ax.fill_between(xs, [p[2] for p in c], [p[3] for p in c], color=colors.get(a), alpha=0.15)
             if "grpo8" in summ and x == "tokens":
                 ax.axhline(summ["grpo8"][f"threshold_{y}"], color="gray", ls=":", lw=1)
                 ax.axvline(summ["grpo8"]["final_tokens"] / 4, color="gray", ls="--", lw=1)
             ax.set_xlabel(xname)
             ax.set_ylabel(yname)
+            ax.set_title(f"horizon {opts.horizon}: {yname} vs {xname.split(' (')[0]}", fontsize=9)
             ax.grid(alpha=0.3)
         axes[i, 0].legend(fontsize=7)
     ax = axes[0, 2]
     for a in opts.algos:
-        rows = sorted((r for r in done.values() if r["algo"] == a and r["seed"] == opts.seeds[0]
-                       and (r["critic_lr_mult"] in (None, 1.0))), key=lambda r: r["lr"])
+        seed0 = [r for r in done.values() if r["algo"] == a and r["seed"] == opts.seeds[0]]
+        rows = sorted((r for r in seed0 if r["critic_lr_mult"] in (None, 1.0)), key=lambda r: r["lr"])
         ax.plot([r["lr"] for r in rows], [r["score"] for r in rows], color=colors.get(a), marker="o", label=ALGOS[a][0])
+        for r in seed0:  # the critic-lr runs (×10 at the best policy lr): same colour, an x
+            if r["critic_lr_mult"] not in (None, 1.0):
+                ax.plot([r["lr"]], [r["score"]], color=colors.get(a), marker="x", ms=8, ls="none",
+                        label=f"{ALGOS[a][0]}, critic lr ×{r['critic_lr_mult']:g}")
+        cfg = chosen.get(a)
+        hit = [r for r in seed0 if cfg and [r["lr"], r["critic_lr_mult"] or 1.0] == list(cfg)]
+        if hit:  # the configuration the rule chose: a ring around its point
+            ax.plot([hit[0]["lr"]], [hit[0]["score"]], marker="o", ms=13, mfc="none", mec=colors.get(a), mew=1.5,
+                    ls="none")
     ax.set_xscale("log")
     ax.set_xlabel("policy lr (seed %d)" % opts.seeds[0])
     ax.set_ylabel(f"final (pass@1 + avg@{k}) / 2")
-    ax.set_title("learning-rate sweep", fontsize=9)
+    ax.set_title(f"horizon {opts.horizon}: learning-rate sweep, seed {opts.seeds[0]} (ring: chosen; x: critic lr ×10)",
+                 fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     ax = axes[1, 2]
@@ -552,10 +887,12 @@ def plot(path, opts, summ, best, done):
             ax.plot(xs, smooth, color=colors.get(a), alpha=0.6, lw=1, label=ALGOS[a][0] if n == 0 else None)
     ax.set_xlabel("samples drawn")
     ax.set_ylabel("training reward (5-step mean)")
+    ax.set_title(f"horizon {opts.horizon}: training reward", fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
-    fig.suptitle("SPPO vs GRPO vs PPO on the tiny model (seed-mean, band = min..max over seeds); dotted: GRPO G=8 "
-                 f"final − {100 * opts.margin:.0f} pts, dashed: 1/4 of GRPO G=8's tokens", fontsize=10)
+    fig.suptitle(f"Horizon {opts.horizon} (~{opts.horizon}-token responses): SPPO vs GRPO vs PPO on the tiny model "
+                 f"({curve_note}, band = min..max over seeds); dotted: GRPO G=8 final − {100 * opts.margin:.0f} pts "
+                 "(all seeds), dashed: 1/4 of GRPO G=8's tokens", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -570,7 +907,9 @@ def plot_horizons(jsonl_paths, path) -> None:
 
     colors = {"sppo": "C0", "grpo4": "C1", "grpo8": "C2", "ppo": "C3", "sppo_critic": "C4", "ppo_l1": "C5"}
     files = [Path(p) for p in jsonl_paths]
-    fig, axes = plt.subplots(2, len(files), figsize=(5.5 * len(files), 8), squeeze=False)
+    # one y scale per row: horizons are compared side by side, and a panel scaled to its own 2 points of range
+    # makes eval noise look like learning
+    fig, axes = plt.subplots(2, len(files), figsize=(5.5 * len(files), 8), squeeze=False, sharey="row")
     for j, f in enumerate(files):
         rows = [json.loads(line) for line in f.read_text().splitlines() if line.strip()]
         env = next((r for r in rows if r["kind"] == "env"), {})
@@ -579,16 +918,23 @@ def plot_horizons(jsonl_paths, path) -> None:
         for i, (y, yname) in enumerate((("pass1", "greedy pass@1"), ("avgk", f"avg@{k}"))):
             ax = axes[i, j]
             for s in (r for r in rows if r["kind"] == "summary"):
-                c = mean_curve([runs[key] for key in s["runs"]], "tokens", y)
+                # the selection-free seeds where the summary has them (seed 0 chose the lr), else every seed
+                keys = [key for key in (s.get("free") or {}).get("runs", []) if key in runs] or s["runs"]
+                c = mean_curve([runs[key] for key in keys], "tokens", y)
                 xs = [q[0] for q in c]
+                lr = runs[keys[0]]["lr"]
                 ax.plot(xs, [q[1] for q in c], color=colors.get(s["algo"]), marker="o", markersize=3,
-                        label=f"{s['label']} (n={len(s['runs'])})")
+                        label=f"{s['label']} (lr {lr:.2g}, seeds {','.join(str(runs[key]['seed']) for key in keys)})")
                 ax.fill_between(xs, [q[2] for q in c], [q[3] for q in c], color=colors.get(s["algo"]), alpha=0.15)
-            ax.set_title(f"horizon {env.get('horizon', 20)} ({f.name})", fontsize=9)
+            ax.set_title(f"horizon {env.get('horizon', 20)}: {yname} ({f.stem})", fontsize=9)
+            ax.yaxis.set_tick_params(labelleft=True)
             ax.set_xlabel("sampled tokens")
             ax.set_ylabel(yname)
             ax.grid(alpha=0.3)
         axes[0, j].legend(fontsize=7)
+    fig.suptitle("Accuracy vs sampled tokens per horizon, each algorithm's chosen configuration: seed mean over the "
+                 "selection-free seeds (seed 0 chose the lr), band = min..max over those seeds; one y scale per row",
+                 fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -640,7 +986,25 @@ def horizon_table(jsonl_paths, path) -> None:
             if low:  # G=8 gained less than the margin: any run "reaches" the threshold at its first eval
                 tests.append(f"  Degenerate for {' and '.join('pass@1' if y == 'pass1' else 'avg@k' for y in low)}: "
                              f"the threshold is at or below the start accuracy, so the test says nothing.")
-    Path(path).write_text("\n".join(L + [""] + tests) + "\n")
+    # the selection-free tables, where the JSONLs carry them (written by a run or `--report` since issue 24)
+    F = []
+    for f in (Path(p) for p in jsonl_paths):
+        rows = [json.loads(line) for line in f.read_text().splitlines() if line.strip()]
+        env = next(r for r in rows if r["kind"] == "env")
+        summ = [r for r in rows if r["kind"] == "summary" and r.get("free")]
+        comps = next((r["rows"] for r in rows if r["kind"] == "comparisons"), [])
+        if not summ:
+            continue
+        o = argparse.Namespace(**{**env["settings"], "seeds": env["settings"]["seeds"]})
+        o.tie_rule = env["settings"].get("tie_rule", "sd")
+        free = {r["algo"]: r["free"] for r in summ}
+        F += free_markdown(o, free, comps, env.get("horizon", 20))
+    head = ["# Per-horizon comparison, CPU (`bench_learning.py --plot-horizons`)\n"]
+    if F:
+        head += ["The selection-free tables per horizon come first; the seed-0-included table (the numbers before "
+                 "issue 24) follows them.\n"]
+    Path(path).write_text("\n".join(head + F + ["## All seeds, selection seed included (mean ± sd)\n"] + L + [""]
+                                     + tests) + "\n")
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -684,6 +1048,17 @@ def parse(argv=None):
     ap.add_argument("--estimate-steps", type=int, default=4)
     ap.add_argument("--plot-horizons", default="", help="comma list of finished benchmark JSONLs (one per horizon): "
                                                         "draw accuracy vs sampled tokens per horizon to --out .png and a table to .md")
+    ap.add_argument("--tie-rule", default="sd", choices=("sd", "max"),
+                    help="selection: 'sd' = scores within one binomial sd of the best (on --eval-size prompts) are a "
+                         "tie, won by the lr nearest the preset's, then critic lr x1, then the smaller lr; 'max' = the "
+                         "plain maximum (before issue 24)")
+    ap.add_argument("--fresh-seeds", type=int, default=0,
+                    help="make every chosen configuration have N seeds besides the selection seed (seeds[0]+1 .. "
+                         "seeds[0]+N): with an existing --out only the missing runs start (finished rows are reused, "
+                         "never rerun; a changed choice also needs its critic-lr run)")
+    ap.add_argument("--report", action="store_true",
+                    help="re-render .md/.png and the JSONL's summary rows from an existing --out JSONL; trains nothing "
+                         "and needs no model")
     ap.add_argument("--_worker", default=None, help=argparse.SUPPRESS)
     o = ap.parse_args(argv)
     if o.quick:
@@ -699,6 +1074,11 @@ def parse(argv=None):
     if o.quick and len(o.algos) > 2:
         ap.error("--quick runs at most 2 algorithms")
     o.seeds = [int(s) for s in str(o.seeds).split(",")]
+    o.base_seeds = list(o.seeds)  # the protocol's seeds before --fresh-seeds: the "before issue 24" summary uses them
+    if o.fresh_seeds < 0:
+        ap.error("--fresh-seeds must be >= 0")
+    if o.fresh_seeds:
+        o.seeds = [o.seeds[0]] + [o.seeds[0] + i for i in range(1, o.fresh_seeds + 1)]
     o.lrs = [float(m) for m in str(o.lrs).split(",")]
     o.lr_mults = [float(m) for m in str(o.lr_mults).split(",")] if o.lr_mults else []
     o.critic_lr_mults = [float(m) for m in str(o.critic_lr_mults).split(",")]
@@ -813,10 +1193,120 @@ def estimate(o, planner, preset, model_path, built, work_dir, prefix) -> int:
     return 0
 
 
+def analyze(o, preset, model_path, done):
+    """(summ, verdict, best, free, comps, chosen) from finished runs: `summ`/`verdict`/`best` under the rule before
+    issue 24 (seed-0 argmax, seeds o.base_seeds, selection seed included) when those runs exist, else under the tie
+    rule; `free`/`comps` the selection-free numbers (`selection_free`). None while nothing is finished."""
+    rule = Planner(o, preset, model_path)
+    lo = argparse.Namespace(**{**vars(o), "tie_rule": "max", "seeds": o.base_seeds})
+    legacy = Planner(lo, preset, model_path)
+    legacy_ok = all(legacy.plan(a, done)[1] for a in o.algos)
+    if legacy_ok:
+        summ, verdict, best = summarize(lo, legacy, done)
+    elif all(rule.plan(a, done)[1] for a in o.algos):
+        summ, verdict, best = summarize(o, rule, done)
+    else:
+        return None
+    free, comps = selection_free(o, rule, legacy if legacy_ok else None, done)
+    for a in summ:
+        summ[a]["free"] = free[a]
+    return summ, verdict, best, free, comps, {a: f["chosen"] for a, f in free.items()}
+
+
+def write_outputs(o, env, preset, model_path, done, kept, failed, total, prefix):
+    """Rewrite the JSONL (env, every run, rows of other settings kept as they were, summaries, verdict,
+    comparisons), the .md and the .png."""
+    jsonl, md, png = (prefix.with_name(prefix.name + ext) for ext in (".jsonl", ".md", ".png"))
+    res = analyze(o, preset, model_path, done)
+    if res is None:
+        raise SystemExit(f"{jsonl}: the protocol's runs are not finished; nothing to report")
+    summ, verdict, best, free, comps, chosen = res
+    settings = {k: v for k, v in vars(o).items() if not k.startswith("_") and k != "report"}
+    with open(jsonl, "w") as f:
+        f.write(json.dumps({**env, "settings": settings, "preset": preset, "model_path": model_path}) + "\n")
+        for r in sorted(done.values(), key=lambda r: r["key"]):
+            f.write(json.dumps(r) + "\n")
+        for r in kept:
+            f.write(json.dumps(r) + "\n")
+        for s in summ.values():
+            f.write(json.dumps(s) + "\n")
+        if verdict:
+            f.write(json.dumps(verdict) + "\n")
+        f.write(json.dumps({"kind": "comparisons", "rows": comps}) + "\n")
+    curves = {a: [done[k] for k in free[a]["runs"]] or best[a] for a in best}
+    plot(png, o, summ, curves, done, chosen,
+         curve_note="selection-free seeds (seed %d chose the lr)" % o.seeds[0])
+    write_markdown(md, o, env, preset, done, summ, verdict, png.name, failed, total, best, free, comps)
+    return jsonl, md, png
+
+
+def report(o) -> int:
+    """--report: the tables, figure and summary rows again from a finished JSONL, with this code's analysis."""
+    prefix = Path(o.out) if o.out else None
+    if prefix is None or not prefix.with_name(prefix.name + ".jsonl").is_file():
+        raise SystemExit("--report needs --out PREFIX with an existing PREFIX.jsonl")
+    rows = [json.loads(line) for line in prefix.with_name(prefix.name + ".jsonl").read_text().splitlines()
+            if line.strip()]
+    env = next((r for r in rows if r.get("kind") == "env"), None)
+    if env is None or "settings" not in env:
+        raise SystemExit(f"{prefix}.jsonl has no env row with the run's settings")
+    st = env["settings"]
+    ro = argparse.Namespace(**st)
+    ro.tie_rule, ro.report, ro.out = o.tie_rule, True, str(prefix)
+    ro.base_seeds = st.get("base_seeds", st["seeds"])
+    if o.fresh_seeds:
+        ro.fresh_seeds, ro.seeds = o.fresh_seeds, [st["seeds"][0]] + [st["seeds"][0] + i for i in
+                                                                       range(1, o.fresh_seeds + 1)]
+    else:
+        ro.fresh_seeds = st.get("fresh_seeds", 0)
+    done = {r["key"]: r for r in rows if r.get("kind") == "run"}
+    kept = [r for r in rows if r.get("kind") not in ("env", "run", "summary", "verdict", "comparisons")]
+    env = {k: v for k, v in env.items() if k not in ("settings", "preset")}
+    total = sum(env.get("wall_s_invocations", [0.0]))
+    out = write_outputs(ro, env, rows[0].get("preset") or env_preset(rows), env["model_path"], done, kept, {},
+                        total, prefix)
+    print("rewrote " + ", ".join(map(str, out)))
+    return 0
+
+
+def env_preset(rows):
+    return next(r["preset"] for r in rows if r.get("kind") == "env")
+
+
+def fresh_cost(jsonl_path, fresh=3, tie_rule="sd"):
+    """Estimated process-seconds of `--fresh-seeds fresh` on a finished JSONL: the runs the planner still needs,
+    each costed at the mean wall time of that algorithm's finished runs in the file (an estimate: wall times were
+    measured beside other jobs)."""
+    rows = [json.loads(line) for line in Path(jsonl_path).read_text().splitlines() if line.strip()]
+    env = next(r for r in rows if r.get("kind") == "env")
+    st = env["settings"]
+    o = argparse.Namespace(**st)
+    o.tie_rule, o.base_seeds = tie_rule, st.get("base_seeds", st["seeds"])
+    o.seeds = [st["seeds"][0]] + [st["seeds"][0] + i for i in range(1, fresh + 1)]
+    done = {r["key"]: r for r in rows if r.get("kind") == "run"}
+    pl = Planner(o, env["preset"], env["model_path"])
+    out = {}
+    for a in o.algos:
+        walls = [r["wall_s"] for r in done.values() if r["algo"] == a]
+        todo = []
+        for _ in range(8):  # the plan unfolds as runs finish: assume each pending seed-0 run leaves the choice as is
+            needed, fin = pl.plan(a, done)
+            new = [x for x in needed if x["key"] not in done and x["key"] not in todo]
+            if not new:
+                break
+            for x in new:
+                todo.append(x["key"])
+                done[x["key"]] = {"score": -1.0, "key": x["key"], "algo": a}  # placeholder: never chosen
+        out[a] = {"runs": todo, "process_s": len(todo) * (sum(walls) / len(walls) if walls else 0.0)}
+    return out
+
+
 def main(argv=None) -> int:
     o = parse(argv)
     if o._worker:
         return worker(o._worker)
+    if o.report:
+        return report(o)
     if o.plot_horizons:
         out = Path(o.out or RESULTS / f"horizons-cpu-{datetime.date.today().isoformat()}").with_suffix(".png")
         plot_horizons(o.plot_horizons.split(","), out)
@@ -876,28 +1366,40 @@ def main(argv=None) -> int:
     planner = Planner(o, preset, model_path)
     if o.estimate:
         return estimate(o, planner, preset, model_path, built, work_dir, prefix)
-    done, prev_env, ignored = {}, None, 0
+    done, prev_env, ignored, kept = {}, None, 0, []
     # keys any plan under these settings can produce (every lr the sweep may reach, every seed and critic rate)
     reach = set(o.lrs)
     for _ in range(o.extend_edges):
         reach |= {min(reach) / o.extend_factor, max(reach) * o.extend_factor}
     protocol_keys = {planner.spec(a, lr, c, seed)["key"] for a in o.algos for lr in reach for seed in o.seeds
                      for c in set(o.critic_lr_mults) | {1.0}}
+    sha = _sha256(Path(model_path) / "model.safetensors")
     if jsonl.is_file():  # resume: every finished run of the same configuration is reused
-        for line in jsonl.read_text().splitlines():
-            row = json.loads(line) if line.strip() else {}
-            if row.get("kind") == "run" and row.get("model_path") == model_path:
+        rows = [json.loads(line) for line in jsonl.read_text().splitlines() if line.strip()]
+        prev = next((r for r in rows if r.get("kind") == "env"), None)
+        # the same model: the same path, or the same weights (a horizon model rebuilt in another --model-cache)
+        same = lambda r: r.get("model_path") == model_path or (prev is not None and sha is not None
+                                                               and prev.get("model_sha256") == sha)
+        for row in rows:
+            if row.get("kind") == "run" and same(row):
                 if row["key"] in protocol_keys:
                     done[row["key"]] = row
                 else:
                     ignored += 1
-            elif row.get("kind") == "env" and row.get("model_path") == model_path:
+                    kept.append(row)
+            elif row.get("kind") == "run":
+                kept.append(row)  # another model's run: kept in the file, never reused
+            elif row.get("kind") == "env" and same(row):
                 prev_env = row
+        if o.fresh_seeds and rows and not done:
+            raise SystemExit(f"--fresh-seeds: none of {jsonl}'s runs matches this model ({model_path}, sha256 {sha}; "
+                             f"the file's: {prev and prev.get('model_path')}, {prev and prev.get('model_sha256')}), "
+                             "so every run would start again; point --model at the model the file was made with")
         print(f"resuming: {len(done)} finished runs in {jsonl}" +
-              (f" ({ignored} runs of other settings ignored and dropped from it)" if ignored else ""))
+              (f" ({ignored} runs of other settings kept in it, not reused)" if ignored else ""))
     env = environment()
     env["model_path"] = model_path
-    env["model_sha256"] = _sha256(Path(model_path) / "model.safetensors")
+    env["model_sha256"] = sha
     env["horizon"], env["task"], env["model_build"] = o.horizon, o.task, built
     n_cached = len(done)
     t0 = time.perf_counter()
@@ -914,22 +1416,10 @@ def main(argv=None) -> int:
     if failed:
         print(f"{len(failed)} run(s) failed: {list(failed)}; rerun the same command to retry them", file=sys.stderr)
         return 1
-    summ, verdict, best = summarize(o, planner, done)
     env["wall_s_this_invocation"] = round(total, 1)
     total = sum(env["wall_s_invocations"])
     env["wall_s_all_runs"] = round(sum(r["wall_s"] for r in done.values()), 1)  # process seconds (not wall)
-    # rewrite the JSONL: env, every run, summaries, verdict
-    with open(jsonl, "w") as f:
-        f.write(json.dumps({**env, "settings": {k: v for k, v in vars(o).items() if not k.startswith("_")},
-                            "preset": preset, "model_path": model_path}) + "\n")
-        for r in sorted(done.values(), key=lambda r: r["key"]):
-            f.write(json.dumps(r) + "\n")
-        for s in summ.values():
-            f.write(json.dumps(s) + "\n")
-        if verdict:
-            f.write(json.dumps(verdict) + "\n")
-    plot(png, o, summ, best, done)
-    write_markdown(md, o, env, preset, done, summ, verdict, png.name, failed, total, best)
+    write_outputs(o, env, preset, model_path, done, kept, failed, total, prefix)
     print(Path(md).read_text())
     print(f"wrote {jsonl}\n      {md}\n      {png}")
     return 0

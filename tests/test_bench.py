@@ -2,6 +2,7 @@
 it) and must exit 0 and write its results; `gpu_check.py --dry-run` runs every GPU-check part (bench_kernels.py,
 bench_memory.py, bench_rollout.py included) at tiny sizes. All on CPU."""
 import json
+import math
 import os
 import re
 import subprocess
@@ -40,6 +41,11 @@ def test_bench_learning_quick(tmp_path):
     assert rows[0]["kind"] == "env" and rows[0]["torch"] and "git_dirty" in rows[0]
     assert "| SPPO (shared head) |" in Path(str(prefix) + ".md").read_text()
     assert Path(str(prefix) + ".png").stat().st_size > 10_000
+    # per-prompt results of the final eval (issue 24): one 0/1 per greedy prompt, one 0..k count per prompt
+    for r in runs:
+        assert len(r["final_pass1_per_prompt"]) == r["eval_size"] == len(r["final_avgk_counts"])
+        assert r["final_pass1_per_prompt"].count("1") / r["eval_size"] == pytest.approx(r["final_pass1"])
+        assert sum(map(int, r["final_avgk_counts"])) / (r["eval_size"] * r["eval_k"]) == pytest.approx(r["final_avgk"])
     # resumable: a rerun with the same prefix reuses the finished runs instead of training again
     proc = run_script("bench_learning.py", tmp_path, "--out", str(prefix), timeout=120)
     assert "resuming: 2 finished runs" in proc.stdout and " start " not in proc.stdout
@@ -370,3 +376,79 @@ def test_bench_learning_reports_how_far_a_missed_target_is(tmp_path):
     assert "pass@1 not met (never; at 1/4 of the tokens 70.0 % vs threshold 73.0 %, -3.0 points)" in text
     assert "avg@k not met (never; at 1/4 of the tokens 65.0 % vs threshold 68.0 %, -3.0 points)" in text
     assert "PPO (critic LLM, GAE λ=0.95): pass@1 won (+4.0), avg@k won (+4.0)" in text
+
+
+def _learning_opts(bl, **kw):
+    import argparse
+    o = dict(steps=60, grpo8_step_mult=4, grpo8_eval_mult=2, eval_every=15, batch=64, max_new_tokens=40,
+             eval_size=256, eval_k=4, model="", horizon=20, data_flags=[], seeds=[0, 1, 2], base_seeds=[0, 1, 2],
+             lrs=[3e-5, 1e-4, 3e-4], extend_edges=1, extend_factor=3.0, critic_lr_mults=[1.0, 10.0], tie_rule="sd",
+             algos=["sppo", "ppo"], margin=0.02)
+    o.update(kw)
+    return argparse.Namespace(**o)
+
+
+def _learning_done(bl, opts, scores, finals):
+    """Synthetic finished runs: scores[(algo, lr, critic mult)] for seed 0, finals[(algo, seed)] = final pass@1 of the
+    chosen configuration's other seeds (avg@k = pass@1 - 0.05)."""
+    pl = bl.Planner(opts, {"lr": 3e-5, "value_lr": 1e-2, "micro_batch_tokens": 4096}, "/m")
+    done = {}
+
+    def add(spec, p):
+        evals = [{"step": 0, "tokens": 0, "train_s": 0, "pass1": 0.3, "avgk": 0.25},
+                 {"step": 60, "tokens": 1000, "train_s": 60, "pass1": p, "avgk": p - 0.05}]
+        done[spec["key"]] = {**spec, "kind": "run", "evals": evals, "final_pass1": p, "final_avgk": p - 0.05,
+                             "score": p - 0.025, "final_tokens": 1000, "final_train_s": 60, "wall_s": 100.0,
+                             "step_s_median": 1.0, "final_value_pearson": None, "train_value_pearson_last10": None}
+    for (a, lr, c), sc in scores.items():
+        add(pl.spec(a, lr, c, 0), sc + 0.025)
+    for a in opts.algos:
+        for _ in range(4):  # the plan unfolds: add each run it asks for
+            needed, fin = pl.plan(a, done)
+            for sp in needed:
+                if sp["key"] not in done:
+                    add(sp, finals[(a, sp["seed"])] if sp["seed"] else 0.0)
+    return pl, done
+
+
+def test_bench_learning_tie_rule_and_selection_free_seeds():
+    """Issue 24: seed-0 scores within one binomial sd of the best are a tie, won by the lr nearest the preset's, then
+    critic lr ×1; an exact tie is no longer broken by max() order; the selection-free numbers leave seed 0 out."""
+    bl = _bench_module("bench_learning")
+    assert bl.tie_margin(0.5, 256) == pytest.approx(1 / 32)
+    item, tied, broken = bl.choose([1, 2, 3], {1: 0.60, 2: 0.62, 3: 0.50}.get, lambda i: i, 0.03)
+    assert (item, tied, broken) == (1, [1, 2], True)  # 0.60 is within 0.03 of 0.62: the preferred item wins
+    assert bl.choose([1, 2, 3], {1: 0.60, 2: 0.62, 3: 0.50}.get, lambda i: i, 0.0)[0] == 2  # the old rule
+    o = _learning_opts(bl)
+    # SPPO: 1e-4 beats the preset's 3e-5 by 0.5 points (a tie: 3e-5 wins); PPO: 3e-5 clear, critic x1 = x10 exactly
+    scores = {("sppo", 3e-5, 1.0): 0.600, ("sppo", 1e-4, 1.0): 0.605, ("sppo", 3e-4, 1.0): 0.10,
+              ("ppo", 3e-5, 1.0): 0.60, ("ppo", 1e-4, 1.0): 0.40, ("ppo", 3e-4, 1.0): 0.10,
+              ("ppo", 1e-5, 1.0): 0.50, ("ppo", 3e-5, 10.0): 0.60}
+    finals = {(a, s): v for a in ("sppo", "ppo") for s, v in ((1, 0.50), (2, 0.56))}
+    pl, done = _learning_done(bl, o, scores, finals)
+    assert pl.chosen == {"sppo": (3e-5, 1.0), "ppo": (3e-5, 1.0)}
+    free, comps = bl.selection_free(o, pl, None, done)
+    assert free["sppo"]["tie_broken"] and free["ppo"]["exact_tie"] and free["sppo"]["seeds"] == [1, 2]
+    c = free["sppo"]["final_pass1"]
+    assert c["n"] == 2 and c["mean"] == pytest.approx(0.53)  # seed 0's 0.625 is not in it
+    half = bl.t_crit(1) * math.sqrt(0.03 ** 2 * 2 / 2 + 0.53 * 0.47 / 256)  # sd of (0.50, 0.56) = 0.0424
+    assert c["hi"] - c["mean"] == pytest.approx(half, rel=1e-6)
+    text = "\n".join(bl.free_markdown(o, free, comps, 20))
+    assert "exact tie" in text and "rule picks 3e-05 (critic ×1)" in text and "(n=2)" in text
+    # --fresh-seeds 3: only seed 3 of each chosen configuration is missing
+    o3 = _learning_opts(bl, seeds=[0, 1, 2, 3])
+    pl3 = bl.Planner(o3, pl.preset, "/m")
+    assert [s["seed"] for a in o3.algos for s in pl3.plan(a, done)[0] if s["key"] not in done] == [3, 3]
+
+
+def test_bench_learning_t_distribution_and_welch():
+    bl = _bench_module("bench_learning")
+    # Student t two-sided tails and 97.5 % quantiles (tables): t=2 at df 1, 5, 30; 12.706 (df 1), 4.303 (df 2)
+    assert [round(bl.t_sf2(2.0, d), 4) for d in (1, 5, 30)] == [0.2952, 0.1019, 0.0546]
+    assert bl.t_crit(1) == pytest.approx(12.706, abs=1e-3) and bl.t_crit(2) == pytest.approx(4.303, abs=1e-3)
+    assert bl.t_crit(math.inf) == pytest.approx(1.95996, abs=1e-4)
+    w = bl.welch([0.70, 0.72, 0.71], [0.60, 0.62, 0.61], 256)
+    assert w["diff"] == pytest.approx(0.10) and w["p"] < 0.001 < w["p_eval"] and w["p_eval"] >= w["p"]
+    assert bl.welch([0.5], [0.4, 0.41], 256) is None  # one seed: no test
+    one = bl.cell_interval([0.5], 256)  # one seed: the eval set's binomial noise alone, normal
+    assert one["hi"] - one["mean"] == pytest.approx(1.959964 * math.sqrt(0.25 / 256), rel=1e-5)
