@@ -121,11 +121,44 @@ def plot(run_dir, out=None, keys=None) -> Path:
 
 # ---------------------------------------------------------------------------------------------------------------------
 # what the trainer prints
+def log_step(step, totals, R, values, samples, times, peaks, stepper, counters, logger, bar) -> None:
+    """sppo_fast/train.py's log phase: the step's metrics, device tensors until here, one host sync per log interval
+    (torchrun: reduced over ranks; rank 0 writes)."""
+    from sppo_fast import distributed  # here, not at the top: `sppo-fast plot` needs no torch
+    t0, t1, t2, t3 = times
+    resp_tokens = sum(len(s.response_ids) for s in samples)
+    scalars = {k: v.item() for k, v in distributed.reduce_totals(totals).items()}  # host sync, per log
+    scalars.update({"reward/mean": R.mean().item(), "reward/solved": (R > 0.5).float().mean().item(),
+                    "rollout/response_len": resp_tokens / len(samples),
+                    "rollout/finished": sum(s.finished for s in samples) / len(samples),
+                    "perf/rollout_s": t1 - t0, "perf/reward_s": t2 - t1,
+                    "perf/update_s": t3 - t2 - stepper.score_s, "perf/score_s": stepper.score_s,
+                    "perf/tokens_per_s": resp_tokens / (t3 - t0), "perf/samples_per_s": len(samples) / (t3 - t0),
+                    "lr/policy": stepper.scheduler.get_last_lr()[0], **counters})
+    if peaks[0] is not None:  # this step's measured peaks, CUDA only (CPU runs log no memory/ keys)
+        scalars.update({"memory/rollout_peak_gib": peaks[0], "memory/update_peak_gib": peaks[1]})
+    if values is not None:
+        scalars["value/mean"] = values.mean().item()
+        if (r := pearson(values.cpu(), R)) is not None:
+            scalars["value/pearson"] = r
+    logger.log(step, scalars)
+    # clip= only when it can move: with one optimizer step per batch the ratio is 1 by construction
+    clip = {"clip": f"{scalars['stats/clipfrac']:.3f}"} if stepper.args.num_minibatches > 1 else {}
+    bar.set_postfix(reward=f"{scalars['reward/mean']:.2f}", **clip, tok_s=f"{scalars['perf/tokens_per_s']:.0f}",
+                    refresh=False)
+
+
 def pearson(x, y) -> float | None:
     """Pearson correlation of two 1-D tensors (the critic's calibration: V against R), in float64."""
     x, y = x.double() - x.double().mean(), y.double() - y.double().mean()
     denom = (x.square().sum() * y.square().sum()).sqrt()
     return float((x * y).sum() / denom) if denom > 0 else None  # undefined when either side is constant
+
+
+def fmt_accuracy_change(start: dict, end: dict) -> str:
+    """A run's headline: held-out greedy pass@1 at its start and its end."""
+    return (f"held-out accuracy (greedy pass@1): {100 * start['eval/pass@1']:.1f}% -> {100 * end['eval/pass@1']:.1f}%"
+            f"  ({100 * (end['eval/pass@1'] - start['eval/pass@1']):+.1f} points)")
 
 
 def fmt_metrics(metrics: dict) -> str:

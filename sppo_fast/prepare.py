@@ -366,6 +366,9 @@ def open_run_dir(pre: Preflight, device: torch.device) -> bool:
             print(report)
     if warning := memory.apply_budget(pre.plan, device):
         print(warning)
+    if pre.args.num_minibatches == 1:
+        print("--num-minibatches 1: one optimizer step per batch, so the PPO ratio is 1 and the clip never acts "
+              "(the bar omits clip=)")
     return memory_mode
 
 

@@ -19,19 +19,18 @@ response, so the same forward serves the log-probs and the critic, and V needs n
 Options: sppo_fast/config.py. Checks and building (models, optimizer, resume): sppo_fast/prepare.py.
 """
 import random
-import signal
 import sys
 import time
 
 import torch
 
-from sppo_fast import checkpoint, data, distributed, memory, rewards
+from sppo_fast import checkpoint, data, distributed, memory, recovery, rewards
 # some names are re-exported (noqa: F401): sppo_fast.train is where tests, bench scripts and users import them from
 from sppo_fast.algos import clipped_value_loss, gae_advantages, group_advantages, value_loss_fn, value_of  # noqa: F401
 from sppo_fast.config import Args, ConfigError, algorithm, check_args  # noqa: F401
 from sppo_fast.hf import compute_dtype, head_operands, lm_head_params
 from sppo_fast.kernels import ppo_clip_loss, token_logprobs
-from sppo_fast.metrics import MetricsLogger, fmt_metrics, pearson, progress_bar
+from sppo_fast.metrics import MetricsLogger, fmt_accuracy_change, fmt_metrics, log_step, pearson, progress_bar
 from sppo_fast.model import hidden_states
 from sppo_fast.prepare import (Preflight, build_models, build_optimizer, check_reward_range, init_device,  # noqa: F401
                                open_run_dir, preflight, restore)
@@ -161,7 +160,7 @@ class Stepper:
                     for i, row in zip(group, self.prompt_states):
                         states[i] = row
             norms = clip_grad_norms(self.optimizer, args)
-            self.stepped = True  # from here an exception may leave the weights half-updated (train._save_after_error)
+            self.stepped = True  # from here an exception may leave the weights half-updated (recovery.save_after_error)
             if step_if_finite(self.optimizer, norms, totals):
                 _acc(totals, "stats/grad_norm", norms[0] / args.num_minibatches)
                 if norms[1] is not None:
@@ -274,33 +273,6 @@ def score_rewards(reward_fn, rows, samples, args) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Log
-def log_step(step, totals, R, values, samples, times, peaks, stepper, counters, logger, bar) -> None:
-    """The step's metrics: device tensors until here, one host sync per log interval."""
-    t0, t1, t2, t3 = times
-    resp_tokens = sum(len(s.response_ids) for s in samples)
-    scalars = {k: v.item() for k, v in distributed.reduce_totals(totals).items()}  # host sync, per log
-    scalars.update({"reward/mean": R.mean().item(), "reward/solved": (R > 0.5).float().mean().item(),
-                    "rollout/response_len": resp_tokens / len(samples),
-                    "rollout/finished": sum(s.finished for s in samples) / len(samples),
-                    "perf/rollout_s": t1 - t0, "perf/reward_s": t2 - t1,
-                    "perf/update_s": t3 - t2 - stepper.score_s, "perf/score_s": stepper.score_s,
-                    "perf/tokens_per_s": resp_tokens / (t3 - t0), "perf/samples_per_s": len(samples) / (t3 - t0),
-                    "lr/policy": stepper.scheduler.get_last_lr()[0], **counters})
-    if peaks[0] is not None:  # this step's measured peaks, CUDA only (CPU runs log no memory/ keys)
-        scalars.update({"memory/rollout_peak_gib": peaks[0], "memory/update_peak_gib": peaks[1]})
-    if values is not None:
-        scalars["value/mean"] = values.mean().item()
-        if (r := pearson(values.cpu(), R)) is not None:
-            scalars["value/pearson"] = r
-    logger.log(step, scalars)
-    # clip= only when it can move: with one optimizer step per batch the ratio is 1 by construction
-    clip = {"clip": f"{scalars['stats/clipfrac']:.3f}"} if stepper.args.num_minibatches > 1 else {}
-    bar.set_postfix(reward=f"{scalars['reward/mean']:.2f}", **clip, tok_s=f"{scalars['perf/tokens_per_s']:.0f}",
-                    refresh=False)
-
-
-# ---------------------------------------------------------------------------------------------------------------------
 # Evaluation: greedy pass@1, sampled avg@k, and the critic's calibration (Pearson of V against R)
 @torch.no_grad()
 def evaluate(stepper, eval_rows, eval_texts, reward_fn, args) -> dict:
@@ -348,7 +320,7 @@ def main(args: Args) -> dict:
     try:
         return _train(args, interrupts, where)
     except checkpoint.Interrupted as e:  # stopped where it was: outside a step, or a second signal
-        return _stopped(e, where.get("run_dir"), where.get("step"))
+        return recovery.stopped(e, where.get("run_dir"), where.get("step"))
     finally:
         interrupts.restore()
 
@@ -376,9 +348,6 @@ def _train(args: Args, interrupts, where: dict) -> dict:
     print(f"run dir: {run_dir}\nmodel: {pre.model_path} ({sum(p.numel() for p in policy.parameters()) / 1e6:.2f}M "
           f"params, {policy.config._attn_implementation}, {device}); train {len(pre.train_rows)} / eval "
           f"{len(pre.eval_rows)} prompts")
-    if args.num_minibatches == 1:
-        print("--num-minibatches 1: one optimizer step per batch, so the PPO ratio is 1 and the clip never acts "
-              "(the bar omits clip=)")
     # completed: the newest step whose update (weights, optimizer, scheduler, data position, RNG) is whole;
     # saved: the newest step on disk (0: none), with its directory
     progress = {"completed": start_step, "saved": start_step if pre.resume_ckpt is not None else 0,
@@ -405,8 +374,7 @@ def _train(args: Args, interrupts, where: dict) -> dict:
         print("eval at start: " + fmt_metrics(run_eval(0, "start")))
     bar = progress_bar(args.steps, start_step, algo.name, args.progress and distributed.is_main())
     nonfinite_in_a_row, step, step_start = 0, start_step, None
-    # From here a signal waits for the next safe point, the end of the step (a training step, a save): never a
-    # half-done update. Only the evaluations (_interruptible) stop at once: they change no training state.
+    # from here a first signal waits for the end of the step (never a half-done update); evaluations stop at once
     interrupts.deferred = True
     try:
         for step in range(start_step + 1, args.steps + 1):
@@ -452,110 +420,28 @@ def _train(args: Args, interrupts, where: dict) -> dict:
             bar.update(1)
             stop = distributed.any_rank(interrupts.requested)  # torchrun: all ranks stop (and save) at the same step
             if args.eval_every and step % args.eval_every == 0 and step != args.steps and not stop:
-                if (ev := _interruptible(interrupts, lambda: run_eval(step))) is not None:
+                if (ev := recovery.interruptible(interrupts, lambda: run_eval(step))) is not None:
                     bar.write(f"step {step}: " + fmt_metrics(ev))
-                stop = distributed.any_rank(interrupts.requested)  # a signal during the evaluation
             if args.save_every and step % args.save_every == 0 and not nonfinite_in_a_row:
                 save(step)
-                stop = distributed.any_rank(interrupts.requested)  # a signal during the save
-            if stop:
-                return _saved_on_signal(interrupts, save(step) if progress["saved"] != step else progress["ckpt"],
-                                        run_dir, step, bar)
+            if stop or distributed.any_rank(interrupts.requested):  # or a signal during the evaluation or the save
+                ckpt = save(step) if progress["saved"] != step else progress["ckpt"]
+                return recovery.saved_on_signal(interrupts, ckpt, run_dir, step, bar)
         bar.close()
-        ended = _interruptible(interrupts, lambda: run_eval(step, "end")) is not None
+        ended = recovery.interruptible(interrupts, lambda: run_eval(step, "end")) is not None
         ckpt = save(step)
         if not ended:  # a signal stopped the end evaluation: the last step is saved, and --resume runs it
-            return _saved_on_signal(interrupts, ckpt, run_dir, step, bar)
+            return recovery.saved_on_signal(interrupts, ckpt, run_dir, step, bar)
     except Exception as e:
-        _save_after_error(e, step, step_start, progress, stepper, save, run_dir)
+        recovery.save_after_error(e, step, step_start, progress, stepper, save, run_dir)
         raise
     finally:
         bar.close()
         logger.close()
     start, end = history.get("start", {}), history["end"]
-    print("eval at end:   " + fmt_metrics(end))
-    if start:
-        print(f"held-out accuracy (greedy pass@1): {100 * start['eval/pass@1']:.1f}% -> {100 * end['eval/pass@1']:.1f}%"
-              f"  ({100 * (end['eval/pass@1'] - start['eval/pass@1']):+.1f} points)")
+    print("eval at end:   " + fmt_metrics(end) + (f"\n{fmt_accuracy_change(start, end)}" if start else ""))
     print(f"checkpoint: {ckpt}\nplot: sppo-fast plot {run_dir}")
     return {"run_dir": str(run_dir), "start": start, "end": end, "step": step}
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# Interruptions and failures: what is left on disk, and the one line that says how to continue
-def _interruptible(interrupts, evaluation):
-    """evaluation() (it changes no training state: its RNG is forked), or None when a first signal stopped it at
-    once. Under torchrun it runs to its end (its collectives need every rank) and the loop stops after it."""
-    try:
-        with interrupts.deferring(distributed.enabled()):
-            return evaluation()
-    except checkpoint.Interrupted as e:
-        if e.at_once:
-            raise
-        return None
-
-
-def _resume_hint(run_dir) -> str:
-    found = checkpoint.list_checkpoints(run_dir)
-    how = f"continues from {found[-1].name}" if found else "starts it again from step 0 (no step was saved)"
-    return f"`sppo-fast train --resume {run_dir}` {how}"
-
-
-def _say(line: str) -> None:
-    if distributed.is_main():  # torchrun: one line, not one per rank
-        print(f"sppo-fast train: {line}", file=sys.stderr, flush=True)
-
-
-def _saved_on_signal(interrupts, ckpt, run_dir, step, bar) -> dict:
-    signum = interrupts.signum or signal.SIGINT  # torchrun: another rank's signal (torchrun forwards SIGINT)
-    bar.close()
-    _say(f"interrupted: saved {ckpt} ({checkpoint.signal_name(signum)} during step {step}); "
-         f"`sppo-fast train --resume {run_dir}` continues it")
-    return {"interrupted": True, "signal": int(signum), "step": step, "run_dir": str(run_dir)}
-
-
-def _stopped(e, run_dir, step) -> dict:
-    """A signal that stopped the run where it was: before the first step (model load, start evaluation: nothing to
-    save, the run directory holds its config) or a second signal (quit at once: the checkpoints on disk stay)."""
-    name = checkpoint.signal_name(e.signum)
-    if run_dir is None or not (run_dir / "config.yaml").is_file():
-        _say(f"{name}: stopped before the run started; nothing was written")
-    else:
-        how = "quit at once, without saving" if e.at_once else "stopped before a step completed, nothing to save"
-        _say(f"{name}: {how}{f' (during step {step})' if step else ''}; {_resume_hint(run_dir)}")
-    return {"interrupted": True, "signal": int(e.signum), "step": step, "run_dir": run_dir and str(run_dir)}
-
-
-def _save_after_error(error, step, step_start, progress, stepper, save, run_dir) -> None:
-    """After an exception in step `step`, save the newest state it cannot have touched and say so on stderr; the
-    caller re-raises (a reward that raises, an OOM, a full disk: a bug to read in its traceback, not a typo).
-
-    The weights and optimizer are whole at two points of a step: before its first optimizer.step (`stepper.stepped`
-    still False; the data position and RNG go back to `step_start`, so the saved step - 1 resumes as if this step had
-    never begun) and once its update returned (`progress["completed"] == step`: step itself is saved). In between
-    an optimizer step may have updated some parameters and not others: nothing is saved. Never saved either: a
-    NaN/inf (FloatingPointError: nothing good to keep), and anything under torchrun (a save needs every rank)."""
-    what = f"step {step} raised {type(error).__name__}"
-    if isinstance(error, FloatingPointError):
-        return
-    if distributed.enabled():
-        return _say(f"{what}; not saved (under torchrun a save needs every rank); {_resume_hint(run_dir)}")
-    if progress["completed"] == step:
-        target, sampler_state = step, None
-    elif not stepper.stepped:
-        target, sampler_state = step - 1, step_start[0]
-    else:
-        return _say(f"{what} inside its optimizer update, which may have changed some weights and not others: not "
-                    f"saved; {_resume_hint(run_dir)}")
-    if target in (0, progress["saved"]):  # no step completed yet, or the last one is on disk already
-        return _say(f"{what}; {_resume_hint(run_dir)}")
-    if sampler_state is not None:
-        checkpoint.set_rng_state(*step_start[1])  # the RNG as step `target` left it
-    try:
-        ckpt = save(target, sampler_state)
-    except Exception as e:  # e.g. the disk that is full: report it, and let the original error be the one raised
-        return _say(f"{what}; saving step {target} failed too ({type(e).__name__}: {e}); {_resume_hint(run_dir)}")
-    _say(f"{what}; saved the last completed step, {ckpt}; `sppo-fast train --resume {run_dir}` continues from it")
 
 
 if __name__ == "__main__":
