@@ -5,10 +5,28 @@ stops an evaluation at once, which changes no training state), a second quits at
 saves the newest state the step cannot have touched, then re-raises. Signal handling itself is
 `checkpoint.Interrupts`.
 """
+import functools
 import signal
 import sys
 
 from sppo_fast import checkpoint, distributed
+
+
+def resumable(train):
+    """Decorator for the training entry point `train(args, interrupts, where) -> dict`, called as `train(args)`: the
+    SIGINT/SIGTERM handlers go in before anything slow, so a signal during the model load or the start evaluation
+    also ends in a resumable state and one line, not a traceback (`checkpoint.Interrupts` says where a signal waits
+    and where not). `where` is what the run has reached: its run_dir, its step."""
+    @functools.wraps(train)
+    def run(args):
+        interrupts, where = checkpoint.Interrupts(), {}
+        try:
+            return train(args, interrupts, where)
+        except checkpoint.Interrupted as e:  # stopped where it was: outside a step, or a second signal
+            return stopped(e, where.get("run_dir"), where.get("step"))
+        finally:
+            interrupts.restore()
+    return run
 
 
 def interruptible(interrupts, evaluation):

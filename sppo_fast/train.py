@@ -311,21 +311,11 @@ def _evaluate(stepper, eval_rows, eval_texts, reward_fn, args) -> dict:
 
 # ---------------------------------------------------------------------------------------------------------------------
 # The loop
-def main(args: Args) -> dict:
-    """Train. Returns {"run_dir", "start", "end", "step"}, or {"interrupted": True, "signal", "step", "run_dir"} when
-    SIGINT or SIGTERM stopped the run (the CLI then exits with 128 + the signal's number: 130 or 143)."""
-    # The handlers go in before anything slow: a signal during the model load or the start evaluation also ends in a
-    # resumable state and one line, not a traceback (checkpoint.Interrupts says where a signal waits and where not)
-    interrupts, where = checkpoint.Interrupts(), {}
-    try:
-        return _train(args, interrupts, where)
-    except checkpoint.Interrupted as e:  # stopped where it was: outside a step, or a second signal
-        return recovery.stopped(e, where.get("run_dir"), where.get("step"))
-    finally:
-        interrupts.restore()
-
-
-def _train(args: Args, interrupts, where: dict) -> dict:
+@recovery.resumable
+def main(args: Args, interrupts, where: dict) -> dict:
+    """Train: `main(args)`. Returns {"run_dir", "start", "end", "step"}, or {"interrupted": True, "signal", "step",
+    "run_dir"} when SIGINT or SIGTERM stopped the run (the CLI then exits with 128 + the signal's number: 130 or 143).
+    `recovery.resumable` installs the signal handlers before anything slow and passes them in as `interrupts`."""
     check_args(args)
     device = init_device(args)  # torchrun: the process group, this rank's device; only rank 0 prints
     torch.manual_seed(args.seed)
