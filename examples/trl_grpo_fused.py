@@ -1,6 +1,6 @@
 """TRL's GRPO with sppo_fast's fused log-prob kernel: `FusedGRPOTrainer` is `GRPOTrainer` with one change.
 
-    pip install 'sppo_fast[trl]'
+    pip install -e ".[trl]"            # from the checkout (sppo_fast is not on a package index)
     python examples/trl_grpo_fused.py            # CPU, a tiny random Llama, a few seconds
 
 Everything is TRL's (config, sampling, rewards, loss types, metrics) except the per-token log-probs and entropies,

@@ -1,6 +1,6 @@
 """SPPO (Sequence-level PPO) as a TRL trainer: one completion per prompt, a value head as the baseline.
 
-    pip install 'sppo_fast[trl]'
+    pip install -e ".[trl]"            # from the checkout (sppo_fast is not on a package index)
     python examples/trl_sppo.py            # CPU, a tiny random Llama, a few seconds
 
 A = R - sigmoid(v(prompt)), with v = Linear(H, 1) on the policy's own last-prompt-token hidden state (the same
