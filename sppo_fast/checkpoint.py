@@ -12,12 +12,15 @@ under a final name; `--resume RUN_DIR` takes the newest checkpoint that verifies
 that was cut short shows as a size mismatch or a truncated safetensors file; bytes changed at the same size, as a
 digest mismatch; weights that are NaN/inf, as non-finite) and says which ones it skipped and why.
 """
+import contextlib
 import hashlib
 import json
 import os
 import random
 import re
 import shutil
+import signal
+import threading
 from pathlib import Path
 
 import torch
@@ -34,8 +37,11 @@ DIGEST = "sha256"
 
 def file_digest(path) -> str:
     """The hex DIGEST of a file, read in chunks (memory stays flat for multi-GB weight files)."""
+    digest = hashlib.new(DIGEST)  # (hashlib.file_digest is Python 3.11+; setup.py admits 3.10)
     with open(path, "rb") as f:
-        return hashlib.file_digest(f, DIGEST).hexdigest()
+        for block in iter(lambda: f.read(16 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def _flatten_optimizer(state_dict: dict) -> tuple[dict, dict]:
@@ -260,7 +266,6 @@ class Interrupted(KeyboardInterrupt):
 
 
 def signal_name(signum: int) -> str:
-    import signal
     return signal.Signals(signum).name
 
 
@@ -276,9 +281,6 @@ class Interrupts:
     SIGNALS = ("SIGINT", "SIGTERM")
 
     def __init__(self):
-        import signal
-        import threading
-
         self.signum, self.deferred, self.previous = None, False, {}
         if threading.current_thread() is threading.main_thread():
             for name in self.SIGNALS:
@@ -301,8 +303,6 @@ class Interrupts:
 
     def deferring(self, on: bool = True):
         """Context manager: inside it, `deferred` is `on` (on: the first signal waits for the next safe point)."""
-        import contextlib
-
         @contextlib.contextmanager
         def scope():
             before, self.deferred = self.deferred, on
@@ -313,7 +313,6 @@ class Interrupts:
         return scope()
 
     def restore(self) -> None:
-        import signal
         for sig, handler in self.previous.items():
             signal.signal(sig, handler)
         self.previous = {}
