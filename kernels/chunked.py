@@ -18,8 +18,9 @@ Three entry points, used by logprobs.py and ppo_loss.py:
 - `ppo_fwd_with_grads`: the token-ratio PPO loss with its gradient in the forward: GEMMs 1-3, nothing afterwards.
 
 Memory held (bytes; N rows, H hidden, V vocab, C chunk rows):
-- the chunk: C * V * 4 for fp32 Z, plus C * V * 2 for a separate 16-bit dZ on CUDA when gradients are formed, plus C * V * 4 for the
-  torch row pass's exp buffer (and C * V * 4 more with softcap). C = chunk_bytes // (those bytes per row).
+- the chunk: C * V * 4 for fp32 Z, plus C * V * 2 for a separate 16-bit dZ on CUDA when gradients are formed,
+  plus C * V * 4 for the torch row pass's exp buffer (and C * V * 4 more with softcap). C = chunk_bytes // (those
+  bytes per row).
 - dW: a V x H fp32 accumulator when dW is wanted. For fp32 weights (including an fp32 master weight passed with
   16-bit hidden states) it is returned as the gradient itself; 16-bit weights get it cast once at the end.
 - dX: N x H (fp32 in the fused PPO path, where it waits for the backward's scale; input dtype otherwise).
