@@ -1323,7 +1323,9 @@ def main(argv=None) -> int:
     if o.lr_mults:
         o.lrs = [preset["lr"] * m for m in o.lr_mults]
     o.batch = o.batch or preset["batch_size"]
-    o.eval_size = o.eval_size or preset["eval_size"]
+    # a count here, always: the trainer's --eval-size also takes a fraction, so the preset reads 256 as 256.0, and a
+    # float would change every run key ("e256.0x4") and no committed run would be found again
+    o.eval_size = int(o.eval_size or preset["eval_size"])
     o.eval_k = o.eval_k or preset["eval_k"]
     from sppo_fast import synthetic
 

@@ -452,3 +452,23 @@ def test_bench_learning_t_distribution_and_welch():
     assert bl.welch([0.5], [0.4, 0.41], 256) is None  # one seed: no test
     one = bl.cell_interval([0.5], 256)  # one seed: the eval set's binomial noise alone, normal
     assert one["hi"] - one["mean"] == pytest.approx(1.959964 * math.sqrt(0.25 / 256), rel=1e-5)
+
+
+def test_bench_learning_fresh_seeds_finds_the_committed_runs(tmp_path, monkeypatch):
+    """`--fresh-seeds` must reuse every committed run of the same protocol: the run keys are rebuilt from the preset,
+    and a preset eval_size read as 256.0 (the trainer's --eval-size also takes fractions) once turned "e256x4" into
+    "e256.0x4", so the documented command found none of them and refused to start."""
+    bl = _bench_module("bench_learning")
+    committed = BENCH / "results" / "learning-cpu-2026-11-29.jsonl"
+    (tmp_path / committed.name).write_bytes(committed.read_bytes())
+    seen = {}
+
+    def stop(opts, planner, done, jsonl_path, work_dir):
+        seen["done"] = done
+        raise SystemExit(0)
+
+    monkeypatch.setattr(bl, "run_all", stop)
+    with pytest.raises(SystemExit):
+        bl.main(["--fresh-seeds", "3", "--out", str(tmp_path / committed.stem), "--work-dir", str(tmp_path / "w")])
+    runs = [json.loads(line) for line in committed.read_text().splitlines() if '"kind": "run"' in line]
+    assert len(seen.get("done", {})) == len(runs) > 0
