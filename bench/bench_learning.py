@@ -663,7 +663,8 @@ def free_markdown(opts, free, comps, horizon):
             if d["broken"] or d["exact_tie"]:
                 sel.append(("exact tie" if d["exact_tie"] else "tie") + f" within {100 * d['margin']:.1f} pts: "
                            + ", ".join(_cfg(a, t) for t in d["tied"]) + f" → rule picks {_cfg(a, d['chosen'])}")
-        note = "; ".join(sel) or "clear maximum"
+        # the planner records a decision at every re-plan: the same tie can come back after a resumed sweep
+        note = "; ".join(dict.fromkeys(sel)) or "clear maximum"
         if f["changed"]:
             note += " — **the rule changes the choice**"
         if not f.get("chosen_final", True) and f["pending_runs"]:
