@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from sppo_fast import checkpoint, data, distributed, memory, rewards
+from sppo_fast import checkpoint, data, distributed, memory, rewards, rollout
 from sppo_fast.config import Args, ConfigError, algorithm, check_args
 from sppo_fast.config import flag as option_flag
 from sppo_fast.model import attention_implementation, check_model_dir, load_critic, load_policy, with_pad_token
@@ -214,9 +214,8 @@ def check_tokenizer(model_path: str, critic_path: str | None = None):
                 generation = GenerationConfig.from_pretrained(where)
             except OSError:  # no generation_config.json: the model takes the ids of its config.json
                 generation = GenerationConfig.from_model_config(config)
-            eos = generation.eos_token_id if generation.eos_token_id is not None else tokenizer.eos_token_id
-            eos = [e for e in (eos if isinstance(eos, (list, tuple)) else [eos]) if e is not None]
-            if not eos:  # sppo_fast/rollout.py reads the EOS the same way
+            eos = rollout.eos_ids(generation, tokenizer)
+            if not eos:
                 raise ConfigError(f"--model: no EOS token in {path}: neither generation_config.json, config.json nor "
                                   f"the tokenizer names one, so no response could end; set eos_token in "
                                   f"tokenizer_config.json or eos_token_id in generation_config.json")

@@ -68,6 +68,13 @@ def resolve_backend(backend: str, device) -> str:
 
 
 @torch.no_grad()
+def eos_ids(generation_config, tokenizer) -> set:
+    """The token ids that end a response: the generation config's EOS (one id or several), else the tokenizer's.
+    Preflight checks a model directory with the same rule before anything loads."""
+    ids = generation_config.eos_token_id if generation_config.eos_token_id is not None else tokenizer.eos_token_id
+    return set(ids if isinstance(ids, (list, tuple)) else [ids]) - {None}
+
+
 def generate(model, tokenizer, prompts: list, *, num_samples: int = 1, temperature: float = 0.6, top_p: float = 1.0,
              max_new_tokens: int = 256, min_new_tokens: int = 0, greedy: bool = False, stop_strings=None,
              max_batch: int | None = None, add_special_tokens: bool = True, backend: str = "hf"):
@@ -89,9 +96,7 @@ def generate(model, tokenizer, prompts: list, *, num_samples: int = 1, temperatu
         raise ValueError(f"sampling needs temperature > 0 and 0 < top_p <= 1, got {temperature}, {top_p}")
     if num_samples < 1:
         raise ValueError(f"num_samples must be >= 1, got {num_samples}")
-    eos_ids = model.generation_config.eos_token_id if model.generation_config.eos_token_id is not None \
-        else tokenizer.eos_token_id
-    eos_set = set(eos_ids if isinstance(eos_ids, (list, tuple)) else [eos_ids]) - {None}
+    eos_set = eos_ids(model.generation_config, tokenizer)
     if not eos_set:
         raise ValueError("neither the model's generation_config nor the tokenizer names an EOS token")
     if tokenizer.pad_token_id is None:  # batches are padded; sppo_fast.model.load_tokenizer sets one
