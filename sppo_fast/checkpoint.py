@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from sppo_fast import distributed
+from sppo_fast import distributed, quant
 
 STEP_DIR = re.compile(r"^step_(\d+)$")
 MANIFEST = "manifest.json"
@@ -102,9 +102,11 @@ def save(run_dir, step: int, *, policy, tokenizer, value_head, optimizer, schedu
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     policy.save_pretrained(tmp / "policy", state_dict=full["policy"], safe_serialization=True)
+    quant.save_description(policy, tmp / "policy")  # a 4-bit base: how to rebuild it on resume (no-op otherwise)
     tokenizer.save_pretrained(tmp / "policy")
     if critic is not None:  # a separate critic LLM (PPO, or SPPO with --critic)
         critic.save_pretrained(tmp / "critic", state_dict=full["critic"], safe_serialization=True)
+        quant.save_description(critic, tmp / "critic")
     if value_head is not None:
         save_file({k: v.detach().cpu().contiguous() for k, v in full["value_head"].items()},
                   tmp / "value_head.safetensors")

@@ -1,4 +1,5 @@
-"""`sppo-fast` command line: `train` (one typed config from preset, YAML and flags) and `plot RUN_DIR`.
+"""`sppo-fast` command line: `train` (one typed config from preset, YAML and flags), `plot RUN_DIR` and
+`export CHECKPOINT_OR_RUN --out DIR` (sppo_fast/export.py).
 
 Every field of `config.Args` is a flag (`--batch-size 32`, `--no-liger`), documented by the field's docstring and
 grouped by the section comments of `Args`. Precedence, lowest first: Args defaults, a preset (`--preset NAME`; the
@@ -279,8 +280,9 @@ def _main_thread() -> bool:
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
-        print("usage: sppo-fast {train,plot} ...\n\n  train  train a causal LM with SPPO (or GRPO / PPO); "
-              "`sppo-fast train` alone runs the CPU demo\n  plot   draw RUN_DIR/metrics.jsonl into a PNG")
+        print("usage: sppo-fast {train,plot,export} ...\n\n  train   train a causal LM with SPPO (or GRPO / PPO); "
+              "`sppo-fast train` alone runs the CPU demo\n  plot    draw RUN_DIR/metrics.jsonl into a PNG\n"
+              "  export  a checkpoint's policy as one model for inference (LoRA merged, 4-bit base dequantized)")
         return 0
     command, rest = argv[0], argv[1:]
     debug = "--debug" in rest or os.environ.get("SPPO_FAST_DEBUG", "") not in ("", "0")
@@ -307,6 +309,28 @@ def main(argv=None) -> int:
                 from sppo_fast.config import ConfigError
                 raise ConfigError(str(e)) from e
             return 0
+        if command == "export":
+            from sppo_fast.export import DTYPES
+            parser = argparse.ArgumentParser(
+                prog="sppo-fast export", description="Merge a checkpoint's LoRA adapters into its base (dequantizing "
+                "a 4-bit base) and save one transformers model with the tokenizer, as safetensors.")
+            parser.add_argument("source", metavar="CHECKPOINT_OR_RUN",
+                                help="RUN_DIR (its newest checkpoint that verifies) or RUN_DIR/checkpoints/step_N")
+            parser.add_argument("--out", required=True, metavar="DIR", help="new directory for the model")
+            parser.add_argument("--dtype", default="bfloat16", choices=list(DTYPES),
+                                help="dtype of the saved weights (default: bfloat16)")
+            parser.add_argument("--debug", action="store_true", help="show the traceback of an input error")
+            ns = parser.parse_args(rest)
+            from sppo_fast.export import export
+            try:
+                out, skipped = export(ns.source, ns.out, dtype=ns.dtype)
+            except (FileNotFoundError, FileExistsError, ValueError) as e:  # a wrong path, a damaged checkpoint
+                from sppo_fast.config import ConfigError
+                raise ConfigError(str(e)) from e
+            for path, why in skipped:
+                print(f"sppo-fast export: skipped {path}: {why}", file=sys.stderr)
+            print(out)
+            return 0
     except KeyboardInterrupt as e:  # a signal before the run's handlers were in (nothing written) or after they left
         signum = getattr(e, "signum", signal.SIGINT)
         print(f"sppo-fast {command}: stopped by {signal.Signals(signum).name}", file=sys.stderr)
@@ -320,7 +344,7 @@ def main(argv=None) -> int:
     finally:
         if guard:  # None: a handler not set from Python, i.e. the default
             signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
-    print(f"sppo-fast: unknown command {command!r} (expected train or plot)", file=sys.stderr)
+    print(f"sppo-fast: unknown command {command!r} (expected train, plot or export)", file=sys.stderr)
     return 2
 
 

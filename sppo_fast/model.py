@@ -11,6 +11,8 @@ from pathlib import Path
 
 import torch
 
+from sppo_fast import quant
+
 
 def check_model_dir(path) -> Path:
     """A clear error for the common mistakes: a missing path, a hub id (nothing downloads here), no config.json."""
@@ -54,18 +56,23 @@ def attention_implementation(device: torch.device) -> str:
 
 def load_policy(path, *, device, attn_implementation: str, gradient_checkpointing: bool = False,
                 liger: bool = True, lora_rank: int = 0, lora_alpha: int = 16, lora_target: str = "all-linear",
-                dtype: torch.dtype = torch.float32):
+                dtype: torch.dtype = torch.float32, quantize: str = ""):
     """The policy in fp32 master weights (bf16 compute comes from autocast, so the optimizer never loses precision).
 
     dtype=torch.bfloat16 is the memory mode's choice (sppo_fast/memory.py): then only an optimizer that rounds
-    stochastically may update it, or lr ~ 1e-6 steps vanish. LoRA adapters stay fp32 (peft's default)."""
-    from transformers import AutoModelForCausalLM
-
+    stochastically may update it, or lr ~ 1e-6 steps vanish. LoRA adapters stay fp32 (peft's default).
+    quantize="nf4" (the qlora rung, sppo_fast/quant.py) turns the base's linear weights, loaded in `dtype`, into
+    frozen 4-bit NF4 before LoRA wraps them, so it needs lora_rank > 0. An adapter directory (a LoRA checkpoint's
+    policy/) rebuilds its base as its quantization.json says, and the flag is not needed there."""
     path = check_model_dir(path)
     if (path / "adapter_config.json").exists():
         return _load_adapter(path, device=device, attn_implementation=attn_implementation,
-                             gradient_checkpointing=gradient_checkpointing, dtype=dtype)
-    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, attn_implementation=attn_implementation)
+                             gradient_checkpointing=gradient_checkpointing, dtype=dtype, quantize=quantize,
+                             liger=liger)
+    _check_quantize(quantize, lora_rank)
+    model = _load_base(path, critic=False, dtype=dtype, attn_implementation=attn_implementation)
+    if quantize:  # on the device one weight at a time, before the rest moves: the 16-bit base never sits there whole
+        quant.quantize_linears(model, device=device)
     model.to(device)
     if liger and device.type == "cuda":
         apply_liger(model)
@@ -78,19 +85,45 @@ def load_policy(path, *, device, attn_implementation: str, gradient_checkpointin
 
 
 def load_critic(path, *, device, attn_implementation: str, gradient_checkpointing: bool = False,
-                dtype: torch.dtype = torch.float32):
+                dtype: torch.dtype = torch.float32, quantize: str = "", lora_rank: int = 0, lora_alpha: int = 16):
     """A separate critic LLM: the decoder of a causal LM (AutoModel: no lm_head, whose V x H weights a critic
-    never uses), fp32 master weights like the policy."""
-    from transformers import AutoModel
-
+    never uses), fp32 master weights like the policy. quantize and lora_rank as in load_policy (LoRA on every
+    linear layer; peft's feature-extraction task, as the model has no head); an adapter directory (a LoRA critic's
+    checkpoint) is loaded with its base."""
     path = check_model_dir(path)
-    model = _without_expected_load_report(
-        lambda: AutoModel.from_pretrained(str(path), dtype=dtype, attn_implementation=attn_implementation,
-                                          output_loading_info=True), expected_unexpected=("lm_head.",))
+    if (path / "adapter_config.json").exists():
+        return _load_adapter(path, device=device, attn_implementation=attn_implementation,
+                             gradient_checkpointing=gradient_checkpointing, dtype=dtype, quantize=quantize,
+                             critic=True)
+    _check_quantize(quantize, lora_rank)
+    model = _load_base(path, critic=True, dtype=dtype, attn_implementation=attn_implementation)
+    if quantize:
+        quant.quantize_linears(model, device=device)
     model.to(device)
     if gradient_checkpointing:
         enable_checkpointing(model)
+    if lora_rank > 0:
+        model = wrap_lora(model, lora_rank, lora_alpha, "all-linear", task_type="FEATURE_EXTRACTION")
     return model
+
+
+def _check_quantize(quantize: str, lora_rank: int) -> None:
+    if quantize and quantize not in quant.FORMATS:
+        raise ValueError(f"quantize={quantize!r}: the formats are {', '.join(quant.FORMATS)} ('' for none)")
+    if quantize and lora_rank <= 0:
+        raise ValueError(f"quantize={quantize!r} freezes the base's linear weights: it needs LoRA adapters to train "
+                         f"(lora_rank > 0, got {lora_rank})")
+
+
+def _load_base(path, *, critic: bool, dtype, attn_implementation):
+    """A causal LM from `path` (on the host), or for a critic its decoder alone (AutoModel)."""
+    from transformers import AutoModel, AutoModelForCausalLM
+
+    if not critic:
+        return AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, attn_implementation=attn_implementation)
+    return _without_expected_load_report(
+        lambda: AutoModel.from_pretrained(str(path), dtype=dtype, attn_implementation=attn_implementation,
+                                          output_loading_info=True), expected_unexpected=("lm_head.",))
 
 
 def _without_expected_load_report(load, expected_unexpected: tuple):
@@ -144,25 +177,41 @@ def apply_liger(model) -> bool:
     return True
 
 
-def wrap_lora(model, rank: int, alpha: int, target: str):
+def wrap_lora(model, rank: int, alpha: int, target: str, task_type: str = "CAUSAL_LM"):
     try:
         from peft import LoraConfig, get_peft_model
     except ImportError as err:
         raise ImportError("--lora-rank needs peft: pip install 'peft>=0.13' (or pip install -e '.[lora]' in the "
                           "checkout)") from err
-    config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=target, lora_dropout=0.0, task_type="CAUSAL_LM")
+    config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=target, lora_dropout=0.0, task_type=task_type)
     return get_peft_model(model, config)
 
 
-def _load_adapter(path, *, device, attn_implementation, gradient_checkpointing, dtype=torch.float32):
+def _load_adapter(path, *, device, attn_implementation, gradient_checkpointing, dtype=torch.float32,
+                  quantize: str = "", liger: bool = False, critic: bool = False):
+    """A LoRA checkpoint (policy/ or critic/) on its base. When quantization.json is there, the base is loaded in
+    the dtype it records and quantized with its block sizes, so the NF4 codes and scales are the ones the adapters
+    were trained on (quantize="nf4" quantizes a base that has no description)."""
     from peft import PeftModel
-    from transformers import AutoModelForCausalLM
 
+    if quantize and quantize not in quant.FORMATS:
+        raise ValueError(f"quantize={quantize!r}: the formats are {', '.join(quant.FORMATS)} ('' for none)")
     base = json.loads((path / "adapter_config.json").read_text())["base_model_name_or_path"]
-    model = AutoModelForCausalLM.from_pretrained(str(check_model_dir(base)), dtype=dtype,
-                                                 attn_implementation=attn_implementation).to(device)
+    described = quant.load_description(path)
+    if described is None and quantize:
+        described = {"format": quantize, "block_size": 64, "scaler_block_size": 256,
+                     "dtype": str(dtype).removeprefix("torch.")}
+    model = _load_base(check_model_dir(base), critic=critic, attn_implementation=attn_implementation,
+                       dtype=quant.dtype_of(described) if described else dtype)
+    if described:
+        quant.quantize_linears(model, device=device, block_size=described["block_size"],
+                               scaler_block_size=described["scaler_block_size"])
+    model.to(device)
+    if liger and not critic and device.type == "cuda":  # the kernels a run that started from the base had
+        apply_liger(model)
     if gradient_checkpointing:
         enable_checkpointing(model)
+        model.config.use_cache = False
     return PeftModel.from_pretrained(model, str(path), is_trainable=True)
 
 
