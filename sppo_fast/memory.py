@@ -8,6 +8,10 @@ each saving costs in speed or precision, so the planner takes the first rung who
   bf16     + bf16 weights and grads; torchao AdamW with fp32 states and bf16 STOCHASTIC ROUNDING    12 B/param
   8bit     + 8-bit block-quantized AdamW states (torchao AdamW8bit), still stochastic rounding      ~6 B/param
   offload  bf16 weights/grads on the GPU, fp32 AdamW states on the host (torchao CPUOffloadOptimizer) ~4 B/param
+  qlora    a frozen base: every decoder nn.Linear in NF4 (torchao, ~0.516 B/param), embeddings, norms and the
+           lm_head bf16; fp32 LoRA adapters (rank --lora-rank, default 16) on every decoder linear and the fp32
+           value head are all that train (torch AdamW); gradient checkpointing on            ~0.6 B/param
+The last rung is not a full-parameter one: the auto ladder reaches it only when every full-parameter rung fails.
 
 Why stochastic rounding (the precision rule of this mode): the spacing of bf16 numbers near 1.0 is 2^-8 = 0.0039,
 so a plain AdamW step on bf16 weights, whose update is ~lr = 1e-6 per element, rounds back to the old weight and
@@ -45,10 +49,11 @@ import torch
 from sppo_fast.kernels import DEFAULT_CHUNK_BYTES
 
 GiB = 1 << 30
-LEVELS = ("fp32", "ckpt", "bf16", "8bit", "offload")
+LEVELS = ("fp32", "ckpt", "bf16", "8bit", "offload", "qlora")
 OPTIMIZERS = {  # plan level -> (optimizer name, weights dtype)
     "fp32": ("adamw", torch.float32), "ckpt": ("adamw", torch.float32), "bf16": ("adamw-sr", torch.bfloat16),
-    "8bit": ("adamw8bit-sr", torch.bfloat16), "offload": ("offload-adamw-sr", torch.bfloat16)}
+    "8bit": ("adamw8bit-sr", torch.bfloat16), "offload": ("offload-adamw-sr", torch.bfloat16),
+    "qlora": ("adamw", torch.bfloat16)}  # torch AdamW on the fp32 adapters; bf16 = the frozen base's unquantized parts
 DESCRIPTIONS = {
     "adamw": "torch AdamW, fp32 weights and states",
     "adamw-sr": "torchao AdamW, fp32 states, bf16 weights with stochastic rounding",
@@ -59,6 +64,23 @@ RESERVE_FRACTION = 0.10  # of the budget, kept free: caching-allocator fragmenta
 QUANT_BLOCK = 256  # torchao AdamW8bit block size; tensors under 4096 elements (or not divisible) stay fp32
 QUANT_MIN_SIZE = 4096
 OFFLOAD_MIN_SIZE = 4096  # CPUOffloadOptimizer keeps tensors smaller than this (and their states) on the GPU
+LORA_RANK_DEFAULT = 16  # the qlora rung's LoRA rank when --lora-rank is 0
+NF4_BLOCK, NF4_SCALER_BLOCK = 64, 256  # torchao's NF4 defaults: a scaler per 64 elements, a factor per 256 scalers
+# Peak bytes per element while torchao 0.18's NF4Tensor.get_original_weight dequantizes a weight to bf16 (what F.linear
+# on an NF4 weight does in forward, and again in backward for dX): two int64 index tensors of n/2 (8 B/elem), the
+# looked-up and the scaled halves in bf16 (4 B/elem), and the stacked bf16 result (2 B/elem), all alive at once.
+# Measured 14.03 on CPU (torch.profiler's allocator events, tests/test_memory.py); the same eager ops run on CUDA.
+NF4_DEQUANT_BYTES = 14
+
+
+def nf4_bytes(numel: int, *, block_size: int = NF4_BLOCK, scaler_block_size: int = NF4_SCALER_BLOCK,
+              dtype_bytes: int = 2) -> int:
+    """Bytes of one weight of `numel` elements as torchao's NF4Tensor (quantized from `dtype_bytes` floats): its
+    inner tensors are the packed 4-bit codes (uint8, 2 per byte), an int8 scaler per block, a factor per scaler
+    block and one scaler mean in the source dtype, and the 16-entry code book in the source dtype."""
+    blocks = math.ceil(numel / block_size)
+    return (math.ceil(numel / 2) + blocks + dtype_bytes * math.ceil(blocks / scaler_block_size)
+            + dtype_bytes + 16 * dtype_bytes)
 
 
 def parse_bytes(text) -> int:
@@ -88,10 +110,22 @@ class ModelShape:
     head_dim: int
     vocab: int
     critic_numels: list = field(default_factory=list)  # a separate critic LLM's decoder (PPO / --critic)
+    linears: list = field(default_factory=list)  # (in, out) of every decoder nn.Linear (not the output head)
+    critic_linears: list = field(default_factory=list)  # the same for the critic's decoder
+    lora_rank: int = 0  # the rank `numels` were counted with (0: full-parameter)
 
     @property
     def params(self) -> int:
         return sum(self.numels) + sum(self.frozen_numels)
+
+    @property
+    def base_params(self) -> int:
+        """The causal LM's own parameters (without any LoRA adapters)."""
+        return sum(self.frozen_numels) if self.frozen_numels else sum(self.numels)
+
+    def adapter_params(self, rank: int, critic: bool = False) -> int:
+        """peft "all-linear" LoRA at `rank`: A [r, in] and B [out, r] on every decoder linear."""
+        return rank * sum(i + o for i, o in (self.critic_linears if critic else self.linears))
 
     @property
     def trainable(self) -> int:
@@ -116,17 +150,21 @@ def model_shape(config, *, lora_rank: int = 0, critic: bool = False) -> ModelSha
     heads = text.num_attention_heads
     head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
     numels = [p.numel() for p in model.parameters()]  # tied weights appear once
+    head = model.get_output_embeddings()
+    # peft "all-linear" and the NF4 base (sppo_fast/quant.py) both take every nn.Linear but the output head
+    linears = [(m.in_features, m.out_features) for m in model.modules()
+               if isinstance(m, torch.nn.Linear) and m is not head]
     frozen = []
-    if lora_rank > 0:  # peft "all-linear": every nn.Linear but the output head gets A [r, in] and B [out, r]
-        head = model.get_output_embeddings()
-        frozen, numels = numels, [lora_rank * (m.in_features + m.out_features) for m in model.modules()
-                                  if isinstance(m, torch.nn.Linear) and m is not head]
-    critic_numels = []
+    if lora_rank > 0:  # every such linear gets A [r, in] and B [out, r]
+        frozen, numels = numels, [lora_rank * (i + o) for i, o in linears]
+    critic_numels, critic_linears = [], []
     if critic:  # the critic is the decoder only (AutoModel): no lm_head unless it is tied to the embeddings
         decoder = model.get_decoder()
         critic_numels = [p.numel() for p in decoder.parameters()]
+        critic_linears = [(m.in_features, m.out_features) for m in decoder.modules() if isinstance(m, torch.nn.Linear)]
     return ModelShape(numels, frozen, text.num_hidden_layers, text.hidden_size, text.intermediate_size, heads,
-                      getattr(text, "num_key_value_heads", None) or heads, head_dim, text.vocab_size, critic_numels)
+                      getattr(text, "num_key_value_heads", None) or heads, head_dim, text.vocab_size, critic_numels,
+                      linears, critic_linears, lora_rank)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -149,14 +187,22 @@ class Estimate:
     gen_batch_size: int
     seq_len: int
     kv_bytes_per_token: int
+    # qlora: the NF4 part of `weights` (codes + scalers, policy and critic), the trainable adapter parameters (policy
+    # and critic), their rank, and the working set of dequantizing the largest linear (both phases: every forward,
+    # and the backward's dX, rebuild one dense weight at a time)
+    nf4_weights: int = 0
+    adapter_params: int = 0
+    lora_rank: int = 0
+    dequant_transient: int = 0
 
     @property
     def update_peak(self) -> int:
-        return self.weights + self.grads + self.optimizer_states + self.activations + self.head_workspace
+        return (self.weights + self.grads + self.optimizer_states + self.activations + self.head_workspace
+                + self.dequant_transient)
 
     @property
     def rollout_peak(self) -> int:
-        return self.weights + self.optimizer_states + self.kv_cache + self.rollout_transient
+        return self.weights + self.optimizer_states + self.kv_cache + self.rollout_transient + self.dequant_transient
 
 
 def _bytes_of(dtype) -> int:
@@ -177,7 +223,7 @@ def _optimizer_bytes(numels, optimizer: str) -> tuple[int, int]:
 
 
 def activation_bytes_per_token(shape: ModelShape, *, weight_bytes: int, compute_bytes: int, autocast: bool,
-                               checkpointing: bool) -> tuple[int, int]:
+                               checkpointing: bool, lora_rank: int = 0) -> tuple[int, int]:
     """(bytes kept per token for the whole backbone, bytes of one layer's full activations per token).
 
     Per decoder layer and token, saved for backward (Llama/Qwen2-style block, SDPA or flash attention: no S^2 term):
@@ -186,36 +232,79 @@ def activation_bytes_per_token(shape: ModelShape, *, weight_bytes: int, compute_
       MLP:       RMSNorm input + output (+1 cast) + gate, up, act(gate) and act(gate)*up (compute dtype)
     The residual stream keeps the weights' dtype (autocast casts matmul inputs, not the residual adds).
     With checkpointing only each layer's input is kept, and one layer is rebuilt at a time in backward.
+    lora_rank > 0 (the qlora rung: a frozen base under fp32 peft adapters): the frozen linear saves no input, but
+    peft casts each linear's input to the adapter's fp32 and autocast casts it back, so every adapted linear saves a
+    copy of its own input (q, k, v: three; gate, up: two; down's stands in for the act*up the frozen down_proj no
+    longer saves) and its [T, r] intermediate. Checked against autograd's saved tensors of one NF4 + peft layer
+    under CPU bf16 autocast (tests/test_memory.py): the term is ~11% above them (H 256, I 1024).
     """
     r, a, h, kvd = weight_bytes, compute_bytes, shape.hidden, shape.kv_heads * shape.head_dim
-    cast = autocast and weight_bytes != compute_bytes  # fp32 weights under bf16 autocast: a cast per projection
+    # fp32 weights under bf16 autocast: a cast per projection; LoRA adapters: a copy per adapted projection
+    cast = (autocast and weight_bytes != compute_bytes) or lora_rank > 0
     # RMSNorm keeps its input and normalised output (2 r h); each projection its (cast) input
     attn = 2 * r * h + (3 if cast else 1) * a * h + a * (h + 2 * kvd) + 2 * a * h  # + rotated q/k, v; out, o_proj in
     mlp = 2 * r * h + (2 if cast else 1) * a * h + 4 * a * shape.intermediate  # gate, up, act(gate), act*up
     per_layer = attn + mlp
+    if lora_rank > 0:
+        per_layer += a * lora_rank * len(shape.linears) // max(1, shape.layers)
     if checkpointing:
         return shape.layers * h * r, per_layer
     return shape.layers * per_layer, 0
 
 
+def qlora_rank(shape: ModelShape, lora_rank: int = 0) -> int:
+    """The qlora rung's LoRA rank: --lora-rank as given (to make_plan, or to model_shape), else the default."""
+    if lora_rank and shape.lora_rank and lora_rank != shape.lora_rank:
+        raise ValueError(f"lora_rank {lora_rank} differs from the rank the model shape was counted with "
+                         f"({shape.lora_rank})")
+    return lora_rank or shape.lora_rank or LORA_RANK_DEFAULT
+
+
+def _qlora_weights(shape: ModelShape, rank: int) -> tuple[int, int, list]:
+    """(NF4 bytes, bf16 bytes, trainable fp32 tensors' numels) of the qlora rung: the policy's decoder linears in NF4
+    and its other parameters (embeddings, norms, biases, the lm_head) in bf16; a critic (PPO / --critic) is its own
+    NF4 copy of the decoder (no lm_head) with its own adapters; one fp32 value head Linear(H, 1) reads either."""
+    nf4 = dense = 0
+    trainable = [shape.hidden, 1]  # the shared value head
+    parts = [(shape.linears, shape.base_params)] + ([(shape.critic_linears, sum(shape.critic_numels))]
+                                                    if shape.critic_numels else [])
+    for linears, params in parts:
+        nf4 += sum(nf4_bytes(i * o) for i, o in linears)
+        dense += 2 * (params - sum(i * o for i, o in linears))
+        trainable += [n for i, o in linears for n in (rank * i, rank * o)]  # A [r, in], B [out, r]
+    return nf4, dense, trainable
+
+
 def estimate(shape: ModelShape, level: str, *, micro_batch_tokens: int, seq_len: int, gen_batch_size: int,
-             prompt_len: int | None = None, cuda: bool = True, kernel_impl: str = "auto") -> Estimate:
+             prompt_len: int | None = None, cuda: bool = True, kernel_impl: str = "auto",
+             lora_rank: int = 0) -> Estimate:
     """Bytes per term for one plan level. seq_len: the longest prompt + response (max_prompt_tokens +
     max_new_tokens); prompt_len: the longest prompt (default seq_len); micro_batch_tokens: prompt+response tokens
-    per update forward; gen_batch_size: sequences generated at once (their KV cache grows to seq_len tokens each)."""
+    per update forward; gen_batch_size: sequences generated at once (their KV cache grows to seq_len tokens each);
+    lora_rank: the qlora rung's rank (0: --lora-rank as model_shape counted it, else LORA_RANK_DEFAULT)."""
     prompt_len = seq_len if prompt_len is None else prompt_len
     optimizer, wdtype = OPTIMIZERS[level]
     wb = _bytes_of(wdtype)
-    lora = bool(shape.frozen_numels)
-    trainable = shape.numels + shape.critic_numels
-    # LoRA adapters stay fp32 (peft's default), whatever the frozen base's dtype
-    tb = 4 if lora else wb
-    weights = sum(shape.frozen_numels) * wb + sum(trainable) * tb
-    grads = sum(trainable) * tb
+    qlora = level == "qlora"
+    lora = bool(shape.frozen_numels) or qlora
+    rank = nf4 = dequant = 0
+    if qlora:
+        rank = qlora_rank(shape, lora_rank)
+        nf4, dense, trainable = _qlora_weights(shape, rank)
+        weights, grads = nf4 + dense + 4 * sum(trainable), 4 * sum(trainable)
+        # F.linear on an NF4 weight rebuilds the dense weight, one linear at a time (forward, and backward's dX)
+        dequant = NF4_DEQUANT_BYTES * max((i * o for i, o in shape.linears + shape.critic_linears), default=0)
+    else:
+        trainable = shape.numels + shape.critic_numels
+        # LoRA adapters stay fp32 (peft's default), whatever the frozen base's dtype
+        tb = 4 if lora else wb
+        weights = sum(shape.frozen_numels) * wb + sum(trainable) * tb
+        grads = sum(trainable) * tb
     opt_gpu, opt_host = _optimizer_bytes(trainable, optimizer)
     ckpt = level != "fp32"
     cb = 2 if cuda else wb  # bf16 autocast on CUDA; CPU computes in the weights' dtype
-    kept, layer = activation_bytes_per_token(shape, weight_bytes=wb, compute_bytes=cb, autocast=cuda, checkpointing=ckpt)
+    kept, layer = activation_bytes_per_token(shape, weight_bytes=wb, compute_bytes=cb, autocast=cuda,
+                                             checkpointing=ckpt, lora_rank=rank)
     n_backbones = 2 if shape.critic_numels else 1
     # kept for the whole micro-batch, plus (checkpointing) one layer rebuilt with its grads in flight (x2), plus the
     # flat hidden states, their response-row gather and dX in fp32 (~4 x [T, H] x 4 bytes)
@@ -233,8 +322,10 @@ def estimate(shape: ModelShape, level: str, *, micro_batch_tokens: int, seq_len:
     # which runs the whole prompt through one layer at a time (hidden-sized and 3 MLP-sized temporaries)
     rollout_transient = gen_batch_size * (4 * shape.vocab * 4
                                           + prompt_len * (4 * shape.hidden + 3 * shape.intermediate) * wb)
+    adapters = sum(trainable) - shape.hidden - 1 if qlora else 0  # the value head is not an adapter
     return Estimate(level, optimizer, weights, grads, opt_gpu, opt_host, activations, head_workspace, kv_cache,
-                    rollout_transient, micro_batch_tokens, gen_batch_size, seq_len, kv_tok)
+                    rollout_transient, micro_batch_tokens, gen_batch_size, seq_len, kv_tok, nf4, adapters, rank,
+                    dequant)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -251,54 +342,72 @@ class Plan:
     usable: int | None  # budget minus the reserve
     estimate: dict  # Estimate fields + update_peak / rollout_peak
     ladder: list  # every rung considered: level, update_peak, rollout_peak (one sequence), fits
+    quantize: str = ""  # "nf4" on the qlora rung (the frozen base's format, sppo_fast/quant.py), else ""
+    lora_rank: int = 0  # the run's LoRA rank: the qlora rung's (--lora-rank or LORA_RANK_DEFAULT), else --lora-rank
 
     @property
     def dtype(self) -> torch.dtype:
         return getattr(torch, self.weights_dtype)
 
 
-def _fits(shape, level, usable, seq_len, prompt_len, cuda, kernel_impl):
+def _fits(shape, level, usable, seq_len, prompt_len, cuda, kernel_impl, lora_rank=0):
     one = estimate(shape, level, micro_batch_tokens=seq_len, seq_len=seq_len, gen_batch_size=1, prompt_len=prompt_len,
-                   cuda=cuda, kernel_impl=kernel_impl)
+                   cuda=cuda, kernel_impl=kernel_impl, lora_rank=lora_rank)
     return one, one.update_peak <= usable and one.rollout_peak <= usable
 
 
-def max_gen_batch(shape, level, usable, seq_len, prompt_len=None, cuda=True, kernel_impl="auto") -> int:
+def max_gen_batch(shape, level, usable, seq_len, prompt_len=None, cuda=True, kernel_impl="auto", lora_rank=0) -> int:
     """How many sequences of seq_len tokens generate at once within `usable` bytes (0 if not even one)."""
-    kw = dict(micro_batch_tokens=seq_len, seq_len=seq_len, prompt_len=prompt_len, cuda=cuda, kernel_impl=kernel_impl)
+    kw = dict(micro_batch_tokens=seq_len, seq_len=seq_len, prompt_len=prompt_len, cuda=cuda, kernel_impl=kernel_impl,
+              lora_rank=lora_rank)
     base = estimate(shape, level, gen_batch_size=0, **kw)
     one = estimate(shape, level, gen_batch_size=1, **kw)
     per_seq = one.rollout_peak - base.rollout_peak
     return max(0, (usable - base.rollout_peak) // per_seq)
 
 
-def max_micro_batch_tokens(shape, level, usable, seq_len, cuda=True, kernel_impl="auto") -> int:
-    """The most prompt+response tokens one update forward can hold within `usable` bytes (activations are linear)."""
-    zero = estimate(shape, level, micro_batch_tokens=0, seq_len=seq_len, gen_batch_size=1, cuda=cuda,
-                    kernel_impl=kernel_impl)
-    one = estimate(shape, level, micro_batch_tokens=1, seq_len=seq_len, gen_batch_size=1, cuda=cuda,
-                   kernel_impl=kernel_impl)
-    per_token = one.update_peak - zero.update_peak
-    return max(0, (usable - zero.update_peak) // per_token)
+def max_micro_batch_tokens(shape, level, usable, seq_len, cuda=True, kernel_impl="auto", lora_rank=0) -> int:
+    """The most prompt+response tokens one update forward can hold within `usable` bytes. Activations are linear in
+    the tokens; the chunked log-prob impls' [C, V] scratch grows with them only until their chunk budget caps it, so
+    the token count is solved in both regimes (before: the scratch's per-token slope was taken as if it never
+    capped, which cut the micro-batch of a large-vocabulary model by up to ~60%)."""
+    kw = dict(seq_len=seq_len, gen_batch_size=1, cuda=cuda, kernel_impl=kernel_impl, lora_rank=lora_rank)
+    zero = estimate(shape, level, micro_batch_tokens=0, **kw)
+    one = estimate(shape, level, micro_batch_tokens=1, **kw)
+    base = zero.update_peak  # no scratch at 0 tokens
+    per_token = one.activations - zero.activations
+    scratch_per_token = one.head_workspace - zero.head_workspace  # 0 with impl triton
+    cap = estimate(shape, level, micro_batch_tokens=1 << 40, **kw).head_workspace - zero.head_workspace
+    growing = max(0, (usable - base) // (per_token + scratch_per_token))
+    if scratch_per_token == 0 or growing * scratch_per_token < cap:
+        return growing
+    return max(growing, (usable - base - cap) // per_token)
 
 
 def make_plan(shape: ModelShape, *, budget=None, level: str = "auto", seq_len: int, micro_batch_tokens: int,
               gen_batch_size: int = 0, batch_sequences: int, prompt_len: int | None = None,
-              gradient_checkpointing: bool = False, cuda: bool = True, kernel_impl: str = "auto") -> Plan:
-    """Choose the plan. budget: bytes or a string ('20GiB') or None; level: 'auto' or one of LEVELS.
+              gradient_checkpointing: bool = False, cuda: bool = True, kernel_impl: str = "auto",
+              lora_rank: int = 0) -> Plan:
+    """Choose the plan. budget: bytes or a string ('20GiB') or None; level: 'auto' or one of LEVELS; lora_rank:
+    --lora-rank (0: full-parameter rungs; the qlora rung then takes LORA_RANK_DEFAULT).
 
     Without a budget: level 'auto' is today's default (fp32, or ckpt with --gradient-checkpointing) and the sizes
-    are the user's. With one: 'auto' takes the first rung where one full-length sequence fits both phases; then
-    micro_batch_tokens and gen_batch_size are lowered (never raised) to what the budget holds. A budget that holds
-    no sequence even on the last rung (or on a forced one) is an error that says what each phase needs."""
+    are the user's. With one: 'auto' takes the first rung where one full-length sequence fits both phases (qlora only
+    after every full-parameter rung failed); then micro_batch_tokens and gen_batch_size are lowered (never raised)
+    to what the budget holds. A budget that holds no sequence even on the last rung (or on a forced one) is an error
+    that says what each phase needs and what to change."""
     if level != "auto" and level not in LEVELS:
         raise ValueError(f"--memory-plan must be auto or one of {LEVELS}, got {level!r}")
     if level == "offload" and not cuda:
         raise ValueError("--memory-plan offload needs a CUDA device (torchao's CPUOffloadOptimizer moves the states "
                          "from the GPU to the host; on a CPU-only run there is nothing to offload)")
+    rank = qlora_rank(shape, lora_rank)  # checks that the shape and the flag agree
     budget = parse_bytes(budget) if budget not in (None, "", 0) else None
     usable = None if budget is None else int(budget * (1 - RESERVE_FRACTION))
-    candidates = list(LEVELS if cuda else LEVELS[:-1]) if level == "auto" else [level]
+    if level == "auto":  # offload has nothing to offload to without CUDA; qlora (NF4 on CPU too) stays
+        candidates = [lv for lv in LEVELS if cuda or lv != "offload"]
+    else:
+        candidates = [level]
     if level == "auto" and gradient_checkpointing:
         candidates = [c for c in candidates if c != "fp32"]
     ladder, chosen = [], None
@@ -306,39 +415,60 @@ def make_plan(shape: ModelShape, *, budget=None, level: str = "auto", seq_len: i
         if usable is None:
             chosen = lv
             break
-        one, ok = _fits(shape, lv, usable, seq_len, prompt_len, cuda, kernel_impl)
+        one, ok = _fits(shape, lv, usable, seq_len, prompt_len, cuda, kernel_impl, rank)
         ladder.append({"level": lv, "update_peak": one.update_peak, "rollout_peak_1seq": one.rollout_peak, "fits": ok})
         if ok:
             chosen = lv
             break
     if chosen is None:
-        last = estimate(shape, candidates[-1], micro_batch_tokens=seq_len, seq_len=seq_len, gen_batch_size=1,
-                        prompt_len=prompt_len, cuda=cuda, kernel_impl=kernel_impl)
-        raise MemoryError(
-            f"--memory-budget {budget / GiB:.2f} GiB ({usable / GiB:.2f} GiB usable after a "
-            f"{RESERVE_FRACTION:.0%} reserve) cannot hold even one sequence of {seq_len} tokens "
-            f"(--max-prompt-tokens + --max-new-tokens) with the lightest plan tried ({candidates[-1]}): the update "
-            f"needs ~{last.update_peak / GiB:.2f} GiB (weights {last.weights / GiB:.2f}, grads {last.grads / GiB:.2f}, "
-            f"optimizer {last.optimizer_states / GiB:.2f}, activations {last.activations / GiB:.2f}), the rollout "
-            f"~{last.rollout_peak / GiB:.2f} GiB (KV cache {last.kv_cache / GiB:.3f}). Raise the budget, shorten "
-            f"--max-new-tokens / --max-prompt-tokens, or train LoRA adapters (--lora-rank 16).")
+        raise MemoryError(_nothing_fits(shape, candidates[-1], budget, usable, seq_len, prompt_len, cuda, kernel_impl,
+                                        rank, lora_rank))
     ckpt = chosen != "fp32" or gradient_checkpointing
     mbt, gbs = micro_batch_tokens, gen_batch_size
     if usable is not None:
-        mbt = min(micro_batch_tokens, max_micro_batch_tokens(shape, chosen, usable, seq_len, cuda, kernel_impl))
-        fit = max_gen_batch(shape, chosen, usable, seq_len, prompt_len, cuda, kernel_impl)
+        mbt = min(micro_batch_tokens, max_micro_batch_tokens(shape, chosen, usable, seq_len, cuda, kernel_impl, rank))
+        fit = max_gen_batch(shape, chosen, usable, seq_len, prompt_len, cuda, kernel_impl, rank)
         want = gen_batch_size or batch_sequences
         gbs = min(want, fit)
     kw = dict(micro_batch_tokens=mbt, seq_len=seq_len, gen_batch_size=gbs or batch_sequences, prompt_len=prompt_len,
-              cuda=cuda, kernel_impl=kernel_impl)
+              cuda=cuda, kernel_impl=kernel_impl, lora_rank=rank)
     est = estimate(shape, chosen, **kw)
     if chosen == "fp32" and ckpt:  # --gradient-checkpointing without a plan: estimate it as such
         est = estimate(shape, "ckpt", **kw)
         est.level = "fp32"
     optimizer, wdtype = OPTIMIZERS[chosen]
     est_dict = asdict(est) | {"update_peak": est.update_peak, "rollout_peak": est.rollout_peak}
+    qlora = chosen == "qlora"
     return Plan(chosen, optimizer, str(wdtype).removeprefix("torch."), ckpt, mbt, gbs, budget, usable, est_dict,
-                ladder)
+                ladder, "nf4" if qlora else "", rank if qlora else lora_rank)
+
+
+def _nothing_fits(shape, level, budget, usable, seq_len, prompt_len, cuda, kernel_impl, rank, lora_rank) -> str:
+    """The MemoryError's text: what one sequence needs in each phase on the lightest rung tried, and what to change."""
+    e = estimate(shape, level, micro_batch_tokens=seq_len, seq_len=seq_len, gen_batch_size=1, prompt_len=prompt_len,
+                 cuda=cuda, kernel_impl=kernel_impl, lora_rank=rank)
+    g = lambda b: f"{b / GiB:.2f}"
+    if level == "qlora":
+        weights = (f"weights {g(e.weights)} (NF4 base {g(e.nf4_weights)}, {e.adapter_params / 1e6:.1f}M fp32 LoRA "
+                   f"params at rank {rank})")
+    else:
+        weights = f"weights {g(e.weights)}"
+    need = max(e.update_peak, e.rollout_peak) / (1 - RESERVE_FRACTION)
+    if level == "qlora":
+        lighter = f"lower --lora-rank (now {rank})"
+    elif lora_rank:
+        lighter = "use --memory-plan qlora (a 4-bit NF4 base under the LoRA adapters)"
+    else:
+        lighter = f"use --memory-plan qlora (a 4-bit NF4 base with rank-{LORA_RANK_DEFAULT} LoRA adapters)"
+    return (f"--memory-budget {budget / GiB:.2f} GiB ({usable / GiB:.2f} GiB usable after a {RESERVE_FRACTION:.0%} "
+            f"reserve) cannot hold even one sequence of {seq_len} tokens (--max-prompt-tokens + --max-new-tokens) "
+            f"with the lightest plan tried ({level}): the update needs ~{g(e.update_peak)} GiB ({weights}, grads "
+            f"{g(e.grads)}, optimizer {g(e.optimizer_states)}, activations {g(e.activations)}, log-prob head "
+            f"{g(e.head_workspace)}" + (f", NF4 dequantization {g(e.dequant_transient)}" if e.dequant_transient else "")
+            + f"), the rollout ~{g(e.rollout_peak)} GiB (KV cache {e.kv_cache / GiB:.3f}, sampling + prefill "
+            f"{g(e.rollout_transient)}). --micro-batch-tokens and --gen-batch-size are already lowered "
+            f"automatically, down to one sequence. To fit: raise --memory-budget to ~{need / GiB:.1f} GiB or more, "
+            f"shorten --max-new-tokens / --max-prompt-tokens, {lighter}, or use a smaller model.")
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -557,22 +687,36 @@ def report(plan: Plan, shape: ModelShape) -> str:
     budget = "none" if plan.budget is None else (f"{plan.budget / GiB:.2f} GiB ({plan.usable / GiB:.2f} GiB usable "
                                                  f"after a {RESERVE_FRACTION:.0%} reserve for fragmentation)")
     lora = f", LoRA adapters {sum(shape.numels) / 1e6:.2f}M trainable" if shape.frozen_numels else ""
-    count = f"{shape.params / 1e9:.3f} B" if shape.params >= 1e9 else f"{shape.params / 1e6:.2f} M"
+    params = shape.base_params if plan.quantize else shape.params
+    count = f"{params / 1e9:.3f} B" if params >= 1e9 else f"{params / 1e6:.2f} M"
+    if plan.quantize:
+        critic = " (and the critic's own copy and adapters)" if shape.critic_numels else ""
+        lora = ""
+        weights_line = (f"frozen base: {len(shape.linears)} decoder linears in NF4 (block {NF4_BLOCK}, scaler block "
+                        f"{NF4_SCALER_BLOCK}: {e['nf4_weights'] / GiB:.3f} GiB{critic}), embeddings, norms and lm_head "
+                        f"{plan.weights_dtype}; LoRA rank {plan.lora_rank} on every decoder linear: "
+                        f"{e['adapter_params'] / 1e6:.2f}M fp32 adapter params + the fp32 value head train; "
+                        f"optimizer: torch AdamW, fp32 states")
+    else:
+        weights_line = f"weights {plan.weights_dtype}; optimizer: {DESCRIPTIONS[plan.optimizer]}"
     lines = [
         f"memory plan: {plan.level}  (budget: {budget})",
         f"model: {count} params{lora}, {shape.layers} layers, hidden {shape.hidden}, "
         f"kv {shape.kv_heads}x{shape.head_dim}, vocab {shape.vocab}",
-        f"weights {plan.weights_dtype}; optimizer: {DESCRIPTIONS[plan.optimizer]}; gradient checkpointing "
-        f"{'on' if plan.gradient_checkpointing else 'off'}",
+        f"{weights_line}; gradient checkpointing {'on' if plan.gradient_checkpointing else 'off'}",
         "", "estimate (GiB)                                 update    rollout",
-        f"  weights                                      {g(e['weights'])}   {g(e['weights'])}",
+        f"  weights" + (" (NF4 + bf16 rest + fp32 adapters)" if plan.quantize else "").ljust(38)
+        + f"{g(e['weights'])}   {g(e['weights'])}",
         f"  grads (freed after each step)                {g(e['grads'])}   {g(0)}",
         f"  optimizer states on the GPU                  {g(e['optimizer_states'])}   {g(e['optimizer_states'])}",
         f"  activations ({e['micro_batch_tokens']} tokens per micro-batch)".ljust(47) + f"{g(e['activations'])}",
-        f"  log-prob head workspace (fp32 dW)            {g(e['head_workspace'])}",
+        f"  log-prob head workspace ({'chunk scratch' if plan.quantize else 'fp32 dW'})".ljust(47)
+        + f"{g(e['head_workspace'])}",  # a frozen head (qlora) has no dW
         f"  KV cache ({e['gen_batch_size']} seqs x {e['seq_len']} tokens x "
         f"{e['kv_bytes_per_token'] / 1024:.1f} KiB)".ljust(47) + f"{'':8}   {g(e['kv_cache'])}",
         f"  sampling logits + prefill (transient)        {'':8}   {g(e['rollout_transient'])}",
+        *([f"  NF4 dequantization of the largest linear     {g(e['dequant_transient'])}   "
+           f"{g(e['dequant_transient'])}"] if e.get("dequant_transient") else []),
         f"  peak                                         {g(e['update_peak'])}   {g(e['rollout_peak'])}",
     ]
     if plan.usable is not None:
@@ -594,6 +738,9 @@ def save_report(plan: Plan, shape: ModelShape, run_dir) -> str:
     text = report(plan, shape)
     run_dir = Path(run_dir)
     (run_dir / "memory_report.txt").write_text(text + "\n")
+    # qlora: the base's own parameters, and what trains there (adapters + the value head Linear(H, 1))
+    params = shape.base_params if plan.quantize else shape.params
+    trainable = plan.estimate["adapter_params"] + shape.hidden + 1 if plan.quantize else shape.trainable
     (run_dir / "memory_report.json").write_text(json.dumps(
-        asdict(plan) | {"params": shape.params, "trainable": shape.trainable}, indent=1) + "\n")
+        asdict(plan) | {"params": params, "trainable": trainable}, indent=1) + "\n")
     return text
