@@ -197,17 +197,23 @@ def test_lora_critic_adapter_reloads(tmp_path):
     assert all("lora_" in n for n, p in again.named_parameters() if p.requires_grad)
 
 
-def test_bf16_base_is_rebuilt_from_its_recorded_dtype(tmp_path):
-    """The rung quantizes from bf16; a reload asked for another dtype still quantizes from bf16 (quantization.json
-    records it), so the NF4 codes and scales are the trained-on ones: identical dequantized weights."""
-    policy = _load(quantize="nf4", lora_rank=2, dtype=torch.bfloat16)
-    assert quant.describe(policy)["dtype"] == "bfloat16"
-    policy.save_pretrained(tmp_path / "p", safe_serialization=True)
-    quant.save_description(policy, tmp_path / "p")
+def test_base_is_rebuilt_from_its_recorded_dtype(trained_adapter, tmp_path):
+    """The rung quantizes from bf16; a reload asked for another dtype still quantizes from the dtype that
+    quantization.json records, so the NF4 codes and scales are the trained-on ones."""
+    import shutil
+
+    from torchao.quantization import to_nf4
+
+    _, _, adapter_dir = trained_adapter
+    shutil.copytree(adapter_dir, tmp_path / "p")
+    described = json.loads((tmp_path / "p" / "quantization.json").read_text())
+    (tmp_path / "p" / "quantization.json").write_text(json.dumps({**described, "dtype": "bfloat16"}))
     again = load_policy(tmp_path / "p", device=CPU, attn_implementation="sdpa", liger=False, dtype=torch.float32)
-    a = policy.get_base_model().model.layers[0].mlp.down_proj.base_layer.weight
-    b = again.get_base_model().model.layers[0].mlp.down_proj.base_layer.weight
-    assert b.dtype == torch.bfloat16 and torch.equal(a.get_original_weight(), b.get_original_weight())
+    got = again.get_base_model().model.layers[0].mlp.down_proj.base_layer.weight
+    dense = _load().model.layers[0].mlp.down_proj.weight.detach()
+    want = to_nf4(dense.to(torch.bfloat16), 64, 256)
+    assert got.dtype == torch.bfloat16 and quant.describe(again)["dtype"] == "bfloat16"
+    assert torch.equal(got.get_original_weight(), want.get_original_weight())
 
 
 # ---------------------------------------------------------------------------------------------------------------------
