@@ -265,3 +265,16 @@ def test_export_errors(tmp_path, capsys):
     (tmp_path / "full" / "x").write_text("")
     assert main(["export", str(tmp_path / "run"), "--out", str(tmp_path / "full")]) == 2
     assert "not an empty directory" in capsys.readouterr().err
+
+
+def test_export_full_parameter_checkpoint_as_is(tmp_path):
+    """A full-parameter checkpoint's policy/ is a whole model: exported in --dtype, weights unchanged."""
+    from transformers import AutoModelForCausalLM
+
+    from sppo_fast.export import export
+
+    _fake_checkpoint(tmp_path / "run", default_model_path())
+    out, skipped = export(tmp_path / "run" / "checkpoints" / "step_000001", tmp_path / "out", dtype="float32")
+    assert skipped == [] and not (out / "quantization.json").exists()
+    got, want = AutoModelForCausalLM.from_pretrained(str(out)).state_dict(), _load().state_dict()
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
