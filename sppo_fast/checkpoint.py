@@ -88,8 +88,10 @@ def save(run_dir, step: int, *, policy, tokenizer, value_head, optimizer, schedu
 
     extra_tensors: trainer state beyond the optimizer's (e.g. the value head's replay buffer), back from restore() as
     meta["extra_tensors"]."""
+    # only what training changes: a frozen base cannot turn NaN by training, and an NF4 weight (the qlora rung) has
+    # no isfinite
     for name, module in (("policy", policy), ("critic", critic), ("value head", value_head)):
-        if module is not None and not all(torch.isfinite(p).all() for p in module.parameters()):
+        if module is not None and not all(torch.isfinite(p).all() for p in module.parameters() if p.requires_grad):
             raise FloatingPointError(f"refusing to save checkpoint step {step}: the {name} has NaN/inf weights")
     root = Path(run_dir) / "checkpoints"
     final = root / f"step_{step:06d}"
