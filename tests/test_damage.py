@@ -228,12 +228,19 @@ def test_critic_load_drops_only_the_expected_lm_head_report(tmp_path, caplog):
     lm.lm_head.weight = torch.nn.Parameter(lm.lm_head.weight.detach().clone())
     lm.save_pretrained(tmp_path / "untied")
     caplog.set_level(logging.WARNING)
-    load_critic(tmp_path / "untied", device=torch.device("cpu"), attn_implementation="sdpa")
-    assert "LOAD REPORT" not in caplog.text
-    weights = load_file(tmp_path / "untied" / "model.safetensors")
-    del weights["model.layers.0.mlp.up_proj.weight"]
-    save_file(weights, tmp_path / "untied" / "model.safetensors", metadata={"format": "pt"})
-    load_critic(tmp_path / "untied", device=torch.device("cpu"), attn_implementation="sdpa")
+    # transformers' loggers do not propagate to the root logger that caplog watches (unless an earlier test turned
+    # propagation on): listen on transformers' own logger, so the test does not depend on the order it runs in
+    hf_log = logging.getLogger("transformers")
+    hf_log.addHandler(caplog.handler)
+    try:
+        load_critic(tmp_path / "untied", device=torch.device("cpu"), attn_implementation="sdpa")
+        assert "LOAD REPORT" not in caplog.text
+        weights = load_file(tmp_path / "untied" / "model.safetensors")
+        del weights["model.layers.0.mlp.up_proj.weight"]
+        save_file(weights, tmp_path / "untied" / "model.safetensors", metadata={"format": "pt"})
+        load_critic(tmp_path / "untied", device=torch.device("cpu"), attn_implementation="sdpa")
+    finally:
+        hf_log.removeHandler(caplog.handler)
     assert "LOAD REPORT" in caplog.text and "MISSING" in caplog.text
 
 
