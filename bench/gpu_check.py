@@ -26,9 +26,10 @@ they go, so a part cut at its budget keeps what it finished; a part starts only 
   (b) memory: bench_memory.py, the 1.5B full-parameter update at the rungs whose estimate is <= 20 GiB (offload,
       8bit); train: bench_train.py, SPPO (shared head) and PPO (critic LLM) under the same 8bit plan: peak ratio
   (c) rollout_hf: bench_rollout.py, hf backend tokens/s at the 1.5B shape
-  rest: rollout_more (hf-static, paged), train_more (GRPO G=8, SPPO + separate critic), pytest (the CUDA test
-      files), cli (the trainer's command line end to end), kernels_more (the other methods and shapes),
-      memory_more (bf16 and ckpt rungs)
+  rest: qlora (issue 25's rung: NF4 base + LoRA, rollout and update peaks vs the planner at the 1.5B shape, then at
+      7B while its budget lasts), rollout_more (hf-static, paged), train_more (GRPO G=8, SPPO + separate critic),
+      pytest (the CUDA test files), cli (the trainer's command line end to end), kernels_more (the other methods
+      and shapes), memory_more (bf16 and ckpt rungs)
 `PARTS` below holds each part's estimate (seconds on one H100/H200), its basis, its budget and the targets it
 covers; `--plan` prints them, and tests/test_bench.py checks that the preamble and (a)-(c) fit in the first 300 s
 by these estimates.
@@ -85,6 +86,11 @@ KERNEL_REST = ("ours_logprobs_chunked:fwd+bwd,ours_logprobs_triton:fwd+bwd,ours_
 # then fills the inductor cache that the train part's 8bit plan reuses.
 MEMORY_HEADLINE = ("offload", "8bit")
 MEMORY_REST = ("bf16", "ckpt")
+# The qlora part: (bench_memory.py --arch, --rollout-tokens) in order. The 1.5B shape first, so its rows are sure;
+# the 7B (Qwen2.5-7B's shape) then runs in what is left of the part's budget, with fewer new tokens per rollout: its
+# eager decode dequantizes 196 NF4 weights, 5x the 1.5B's values (6.5 B against 1.3 B), per token.
+QLORA_RUNS = (("qwen2-1.5b", 128), ("qwen2.5-7b", 64))
+QLORA_TOLERANCE = 0.10  # issue 25: measured peak within 10% of the planner's estimate
 TRAIN_PLAN = "8bit"  # the train parts' memory plan, for every algorithm: the SPPO/PPO peak ratio at <= 20 GiB settings
 TARGET_GIB = 20.0
 
@@ -171,6 +177,17 @@ def part_rollout(backends):
                  "--backends", backends, "--timeout", str(int(ctx["budget"]) - 5), "--time-limit",
                  str(int(ctx["budget"]) - 5), "--out", out]]
     return build
+
+
+def part_qlora(ctx):
+    out = str(ctx["work"] / ctx["part"])
+    if ctx["dry"]:  # the tiny shape, both phases; the 7B has no CPU size (tests/test_bench.py checks its estimate)
+        return [[PY, "bench/bench_memory.py", "--quick", "--settings", "qlora", "--rollout-tokens", "8", "--out", out]]
+    # bench_memory stops itself 10 s before the part's budget ends (its rows keep what was measured, and its exit is
+    # clean), so a 7B run that cannot finish costs only its own rows, never the 1.5B's or the part's status
+    stop_at = f"{time.time() + ctx['budget'] - 10:.0f}"
+    return [[PY, "bench/bench_memory.py", "--settings", "qlora", "--arch", arch, "--steps", "2", "--rollout-tokens",
+             str(new_tokens), "--stop-at", stop_at, "--out", out] for arch, new_tokens in QLORA_RUNS]
 
 
 def part_pytest(ctx):
@@ -309,6 +326,19 @@ def read_memory(ctx, log):
     return rows, head or "no rows", mds[0].read_text().strip() if mds else ""
 
 
+def read_qlora(ctx, log):
+    rows = [r for p in sorted((ctx["work"] / ctx["part"]).glob("*.jsonl")) for r in jsonl(p)]
+    arch_order = [arch for arch, _ in QLORA_RUNS]
+    rows.sort(key=lambda r: arch_order.index(r["arch"]) if r.get("arch") in arch_order else -1)
+    say = lambda r: (f"{r.get('arch')}: rollout {f(r.get('peak_rollout_gib'))}/{f(r.get('estimate_rollout_gib'))} GiB"
+                     f" (x{f(r.get('ratio_rollout'), '.3f')}), update {f(r.get('peak_update_gib'))}/"
+                     f"{f(r.get('estimate_update_gib'))} GiB (x{f(r.get('ratio_update'), '.3f')}), "
+                     f"{f(r.get('step_s'), '.2f')} s/update" + "".join(
+                         f"; {r[k][:80]}" for k in ("rollout_error", "stopped", "error") if r.get(k)))
+    mds = sorted((ctx["work"] / ctx["part"]).glob("*.md"), key=lambda p: "7b" in p.name)
+    return rows, "; ".join(say(r) for r in rows) or "no rows", "\n\n".join(p.read_text().strip() for p in mds)
+
+
 def read_train(ctx, log):
     rows = jsonl(ctx["work"] / f"{ctx['part']}.jsonl")
     algos = [r for r in rows if r.get("kind") == "algo"]
@@ -351,6 +381,17 @@ PARTS = [
          "of a 28-layer model at ~25 ms (launch-bound) ~26 s",
          "rollout tokens/s of the hf backend (the trainer's CUDA default) at the 1.5B shape, 64 x 1024",
          part_rollout("hf"), read_rollout),
+    Part("qlora", "rest", 85, 130,
+         "1.5B: start 8 s; random init in bf16 on the GPU 2 s, NF4 quantization of its 196 weights (torchao, 1 M "
+         "elements per chunk) ~3 s, peft wrap 1 s; Triton JIT of the trainer's kernels at this shape ~6 s; 2 steps x "
+         "(rollout 8 x 128 new tokens, eager decode dequantizing every NF4 weight per token ~35 ms/token ~5 s + "
+         "update 8 x 2048 tokens, 3 forward-sized passes of 1.5 B ~2 s): ~35 s. 7B: start 8 s; init 7.6 B bf16 on "
+         "the GPU (15 GB for a moment) 3 s + quantization ~5 s; JIT ~4 s; 2 x (8 x 64 new tokens at ~90 ms/token, "
+         "the dequantization's int64 code tensors moving ~100 GB per token, ~6 s + update ~5 s): ~50 s, cut "
+         "cleanly 10 s before the budget ends",
+         f"issue 25's qlora rung (NF4 base + LoRA + value head): rollout and update peaks vs the planner's estimate "
+         f"(within {QLORA_TOLERANCE:.0%}) and step time, at the 1.5B shape, then at 7B (Qwen2.5-7B) if the budget "
+         f"allows", part_qlora, read_qlora, ("triton", "torchao", "peft")),
     Part("rollout_more", "rest", 100, 130,
          "hf-static: torch.compile (reduce-overhead, CUDA graphs) of the decode step ~60 s + one call ~10 s; paged: "
          "~30 s; starts 2 x 8 s",
@@ -573,8 +614,10 @@ def gate(part, ctx):
     if "triton" in part.needs and p.get("triton_launch") != "ok":
         return f"skipped: Triton cannot launch ({p.get('triton_launch')})"
     if "torchao" in part.needs and not p.get("torchao"):
-        return ("skipped: torchao not installed (the rungs that meet 20 GiB and the 8bit plan use its optimizers; "
-                "bench/gpu_wheels.sh puts its wheel in .whl/)")
+        return ("skipped: torchao not installed (the rungs that meet 20 GiB and the 8bit plan use its optimizers, "
+                "the qlora rung its NF4 weights; bench/gpu_wheels.sh puts its wheel in .whl/)")
+    if "peft" in part.needs and not p.get("peft"):
+        return "skipped: peft not installed (the qlora rung's LoRA adapters come from it)"
     if "pytest" in part.needs and not p.get("pytest"):
         return "skipped: pytest not installed (bench/gpu_wheels.sh puts its wheel in .whl/)"
     return None
@@ -658,6 +701,15 @@ def targets(results, dry=False):
     else:
         got = "not measured"
     out.append(("SPPO prompts/s >= 4x GRPO G=8's", "train + train_more", got))
+    qlora = []
+    for r in rows("qlora"):
+        for phase in ("rollout", "update"):
+            ratio = r.get(f"ratio_{phase}")
+            if ratio is not None:
+                qlora.append(f"{r.get('arch')} {phase} {r[f'peak_{phase}_gib']:.2f} / {r[f'estimate_{phase}_gib']:.2f}"
+                             f" GiB = {ratio:.3f} -> {verdict(round(abs(ratio - 1), 3) <= QLORA_TOLERANCE)}")
+    out.append((f"qlora rung: measured peak within {QLORA_TOLERANCE:.0%} of the planner's estimate, per phase (1.5B; "
+                f"7B if the budget allows)", "qlora", "; ".join(qlora) or "not measured"))
     roll = [r for r in rows("rollout_hf", "rollout_more") if r.get("kind") == "backend" and r.get("tok_per_s")]
     out.append(("rollout tokens/s per backend (hf first); the fastest is `auto`'s CUDA pick",
                 "rollout_hf, rollout_more",

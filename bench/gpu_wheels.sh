@@ -6,10 +6,12 @@
 #
 # What travels and why (the device image has torch 2.11, triton 3.6, transformers 5.17, peft, numpy, packaging):
 #   liger-kernel, cut-cross-entropy   kernel peers of bench_kernels.py, and the cli part's --liger (pure Python)
-#   torchao                           the memory rungs that can meet <= 20 GiB (8bit, offload) and the train part's
-#                                     8bit plan. Not pure Python: a cp310-abi3 manylinux wheel whose C++ extensions
-#                                     may not load against the image's torch (torchao then warns); the optimizers
-#                                     used are Python + torch.compile, which is why it still serves
+#   torchao                           the memory rungs that can meet <= 20 GiB (8bit, offload), the train part's
+#                                     8bit plan, and the qlora part's NF4 base (NF4Tensor). Not pure Python: a
+#                                     cp310-abi3 manylinux wheel whose C++ extensions may not load against the
+#                                     image's torch (torchao then warns); the optimizers used are Python +
+#                                     torch.compile and NF4Tensor is a Python tensor subclass, which is why it serves.
+#                                     (peft, for qlora's adapters, is on the image; the probe records its version)
 #   pytest + pluggy, iniconfig, pygments   the pytest part (the CUDA test files); pytest's other need, packaging, is
 #                                     on the image. math-verify is not carried: no part uses the math reward.
 # The versions are the ones the CPU test environment runs (setup.py's extras). Wheels of other projects already in

@@ -118,7 +118,7 @@ def test_gpu_check_dry_run(tmp_path):
     assert env_row["dry_run"] and env_row["torch"] and "git_sha" in env_row and env_row["sppo_fast_kernels"] == "ok"
     assert env_row["triton_launch"] == "skipped: no CUDA" and env_row["probe_rc"] == 0 and env_row["cc"]
     parts = {r["part"]: r for r in rows if r["kind"] == "part"}
-    assert list(parts) == ["kernels_qwen", "kernels_llama", "memory", "train", "rollout_hf", "rollout_more",
+    assert list(parts) == ["kernels_qwen", "kernels_llama", "memory", "train", "rollout_hf", "qlora", "rollout_more",
                            "train_more", "pytest", "cli", "kernels_more", "memory_more"]
     assert parts["pytest"]["status"] == "skipped: no CUDA"
     dry_skipped = {"kernels_llama", "train_more", "memory_more"}  # the same scripts as earlier parts: CI time
@@ -136,6 +136,13 @@ def test_gpu_check_dry_run(tmp_path):
         {"hf-static", "paged"}
     assert all(r["x_hf"] > 0 for r in by("rollout_more") if r["row_kind"] == "backend")  # against rollout_hf's hf
     assert [(r["setting"], r["step_s"] > 0) for r in by("memory")] == [("8bit", True)]
+    (q,) = by("qlora")  # issue 25's rung, both phases, through the trainer's own functions (tiny shape, CPU)
+    assert (q["setting"], q["arch"], q["quantize"], q["lora_rank"], q["steps"]) == ("qlora", "tiny", "nf4", 16, 2)
+    assert q["step_s"] > 0 and q["rollout_s"] > 0 and q["rollout_tokens"] == 8 and "error" not in q
+    assert q["estimate_update_gib"] > 0 and q["estimate_rollout_gib"] > 0 and q["peak_update_gib"] is None
+    t = _bench_module("bench_memory").TINY  # trainable: rank-16 adapters on the 7 linears (q, k, v, o: h x h here)
+    h, i = t["hidden_size"], t["intermediate_size"]
+    assert q["trainable_params"] == t["num_hidden_layers"] * 16 * (4 * 2 * h + 3 * (h + i)) + h + 1 < q["params"] / 4
     train = [r for r in by("train") if r["row_kind"] == "algo"]
     assert [r["algo"] for r in train] == ["sppo"] and train[0]["memory_plan_flag"] == "8bit"
     assert train[0]["value_fn_states"] == "measured"
@@ -144,6 +151,7 @@ def test_gpu_check_dry_run(tmp_path):
     assert "Dry run" in summary and "| rollout_hf | c |" in summary and "Wheels: 1 of 3 installed" in summary
     assert "- broken-1.0-py3-none-any.whl: failed" in summary
     assert "| SPPO peak <= 0.55x PPO's at the same 8bit plan | train | not measured |" in summary
+    assert "per phase (1.5B; 7B if the budget allows) | qlora | not measured |" in summary  # no GPU peak on CPU
     logs = (out / "logs.txt").read_text()
     assert logs.startswith("===== probe (rc 0)") and all(f"===== {name}:" in logs for name in parts
                                                           if not parts[name]["status"].startswith("skipped"))
@@ -219,8 +227,8 @@ def test_gpu_check_memory_headline_is_the_rungs_estimated_within_20_gib():
     bm = _bench_module("bench_memory")
     cfg = Qwen2Config(**bm.QWEN2_15B)
     shape = memory.model_shape(cfg)
-    fits = {level for level in memory.LEVELS
-            if memory.estimate(shape, level, micro_batch_tokens=8 * 2048, seq_len=2048, prompt_len=512,
+    fits = {level for level in memory.LEVELS if level != "qlora"  # LoRA, not full-parameter: the qlora part's
+            and memory.estimate(shape, level, micro_batch_tokens=8 * 2048, seq_len=2048, prompt_len=512,
                                gen_batch_size=8, cuda=True).update_peak <= gc.TARGET_GIB * memory.GiB}
     assert fits == set(gc.MEMORY_HEADLINE) and not fits & set(gc.MEMORY_REST)
     with torch.device("meta"):
@@ -231,11 +239,98 @@ def test_gpu_check_memory_headline_is_the_rungs_estimated_within_20_gib():
     assert len(signatures) == 9 and "9 here" in gc.PART_BY_NAME["memory"].basis
 
 
+def test_gpu_check_qlora_shapes_quantize_and_the_planner_sizes_them():
+    """The qlora part's two shapes: the 1.5B and Qwen2.5-7B's (7.62 B parameters, untied head) build on the meta
+    device, every decoder linear is one NF4 can hold (the trainer's check), and the planner's estimate for the
+    part's sizes, at the rung's default rank, is one a 24 GB card holds in both phases."""
+    import torch
+    from transformers import Qwen2ForCausalLM
+
+    from sppo_fast import memory, quant
+
+    gc = _gpu_check()
+    bm = _bench_module("bench_memory")
+    assert [arch for arch, _ in gc.QLORA_RUNS] == ["qwen2-1.5b", "qwen2.5-7b"] and set(bm.ARCHS) >= {"qwen2.5-7b"}
+    for arch, new_tokens in gc.QLORA_RUNS:
+        config = bm._qwen2_config(bm.ARCHS[arch])
+        with torch.device("meta"):
+            model = Qwen2ForCausalLM(config)
+        quant.check_shapes(model)
+        n = sum(p.numel() for p in model.parameters())
+        assert n == {"qwen2-1.5b": 1_543_714_304, "qwen2.5-7b": 7_615_616_512}[arch]
+        plan = bm.plan_for(bm.ARCHS[arch], "qlora", tokens=8 * 2048, seq_len=2048, prompt_len=512, gen_batch=8,
+                           cuda=True, kernel_impl="auto")
+        roll = bm.plan_for(bm.ARCHS[arch], "qlora", tokens=8 * 2048, seq_len=512 + new_tokens, prompt_len=512,
+                           gen_batch=8, cuda=True, kernel_impl="auto")
+        assert (plan.quantize, plan.lora_rank, plan.gradient_checkpointing) == ("nf4", memory.LORA_RANK_DEFAULT, True)
+        assert plan.estimate["weights"] < 0.45 * 2 * n  # NF4 linears: well under the bf16 weights
+        assert 0 < roll.estimate["rollout_peak"] < plan.estimate["update_peak"] < 22 * memory.GiB
+
+
+def test_bench_memory_qlora_model_is_the_trainers(tmp_path):
+    """bench_memory's qlora model is set up as `load_policy(..., quantize="nf4")` sets up a loaded one: the same
+    parameters (names, NF4 or dense, dtype, shape, trainable or frozen), checkpointing on, no KV cache in training."""
+    import torch
+    from transformers import Qwen2ForCausalLM
+
+    from sppo_fast.model import load_policy, unwrap
+
+    bm = _bench_module("bench_memory")
+    config = bm._qwen2_config(bm.TINY)
+    Qwen2ForCausalLM(config).to(torch.bfloat16).save_pretrained(tmp_path / "m")
+    ref = load_policy(tmp_path / "m", device=torch.device("cpu"), attn_implementation="sdpa",
+                      gradient_checkpointing=True, liger=False, lora_rank=16, dtype=torch.bfloat16, quantize="nf4")
+    got = bm.make_model(bm.TINY, "qlora", torch.device("cpu"), False, lora_rank=16, quantize="nf4")
+    layout = lambda m: [(n, type(p).__name__, p.dtype, tuple(p.shape), p.requires_grad) for n, p in
+                        m.named_parameters()]
+    assert layout(got) == layout(ref) and any(t == "NF4Tensor" for _, t, *_ in layout(got))
+    for m in (unwrap(ref), unwrap(got)):  # transformers >= 5.2 renamed the flag (as model.enable_checkpointing)
+        assert (getattr(m, "is_activation_checkpointing", None) if hasattr(type(m), "is_activation_checkpointing")
+                else m.is_gradient_checkpointing) and not m.config.use_cache
+
+
+def test_bench_memory_stop_at_keeps_the_measured_steps(tmp_path, monkeypatch):
+    """--stop-at cuts a setting in the middle of a step (SIGALRM) and the row keeps what the finished step measured;
+    main returns normally, so gpu_check's part ends `ok`. Here the second update outlasts the alarm on purpose (set
+    after the first update: every code path, imports included, has run once before it can fire). A rollout that
+    fails is its phase's error and the update still runs."""
+    import signal
+
+    bm = _bench_module("bench_memory")
+    original, calls, generate = bm.Stepper.update, [], bm.Stepper.generate
+
+    def failing_second_generate(self, *args, **kwargs):
+        if calls:
+            raise RuntimeError("rollout broke")
+        return generate(self, *args, **kwargs)
+
+    def update(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            time.sleep(60)  # cut by the alarm
+        out = original(self, *args, **kwargs)
+        signal.setitimer(signal.ITIMER_REAL, 0.5)
+        return out
+
+    monkeypatch.setattr(bm.Stepper, "update", update)
+    monkeypatch.setattr(bm.Stepper, "generate", failing_second_generate)
+    before = signal.getsignal(signal.SIGALRM)
+    t0 = time.monotonic()
+    (row,) = bm.main(["--quick", "--settings", "baseline", "--rollout-tokens", "2", "--stop-at",
+                      str(time.time() + 600), "--out", str(tmp_path)])
+    assert time.monotonic() - t0 < 60 and signal.getsignal(signal.SIGALRM) is before  # the handler is put back
+    assert row["error"] == "cut at --stop-at after 1 of 2 steps" and row["steps"] == 1 and len(calls) == 2
+    assert row["rollout_error"] == "RuntimeError: rollout broke"  # step 2's; step 1's rollout was measured
+    assert row["step_s"] > 0 and row["rollout_s"] > 0 and row["estimate_update_gib"] > 0
+    assert [json.loads(line)["error"] for line in next(tmp_path.glob("memory-cpu-*.jsonl")).read_text().splitlines()] \
+        == [row["error"]]
+
+
 def test_gpu_check_gates_parts_on_what_the_probe_found(tmp_path):
     """On CUDA a part is skipped with the probe's reason (no Triton launch, no torchao, no pytest) instead of failing
     slowly; the kernel parts fall back to the torch-only methods; the cli part drops --liger without Liger."""
     gc = _gpu_check()
-    ok = {"triton_launch": "ok", "torchao": "0.18.0", "pytest": "9.2.0", "liger_kernel": "0.8.5"}
+    ok = {"triton_launch": "ok", "torchao": "0.18.0", "pytest": "9.2.0", "liger_kernel": "0.8.5", "peft": "0.17.0"}
     ctx = lambda **probe: {"cuda": True, "dry": False, "work": tmp_path, "part": "kernels_qwen", "budget": 100,
                            "probe": {**ok, **probe}, "rows": {}}
     part = gc.PART_BY_NAME
@@ -249,6 +344,16 @@ def test_gpu_check_gates_parts_on_what_the_probe_found(tmp_path):
     (argv,) = part["kernels_llama"].build(ctx())
     assert argv[argv.index("--methods") + 1] == gc.KERNEL_HEADLINE and argv[argv.index("--shapes") + 1] == "llama3-8b"
     assert gc.gate(part["train"], ctx(torchao=None)).startswith("skipped: torchao not installed")
+    assert gc.gate(part["qlora"], ctx(torchao=None)).startswith("skipped: torchao not installed")
+    assert gc.gate(part["qlora"], ctx(peft=None)) == \
+        "skipped: peft not installed (the qlora rung's LoRA adapters come from it)"
+    assert gc.gate(part["qlora"], no_triton).startswith("skipped: Triton cannot launch")
+    # the 1.5B run first, then the 7B, both stopping themselves 10 s before the part's budget ends
+    before = time.time()
+    runs = part["qlora"].build(ctx(peft="0.17.0"))
+    assert [(argv[argv.index("--arch") + 1], argv[argv.index("--settings") + 1]) for argv in runs] == \
+        [("qwen2-1.5b", "qlora"), ("qwen2.5-7b", "qlora")]
+    assert all(0 <= float(argv[argv.index("--stop-at") + 1]) - before <= 100 - 10 + 1 for argv in runs)
     assert gc.gate(part["pytest"], ctx(pytest=None)) == \
         "skipped: pytest not installed (bench/gpu_wheels.sh puts its wheel in .whl/)"
     assert "--liger" in part["cli"].build(ctx())[1] and "--liger" not in part["cli"].build(ctx(liger_kernel=None))[1]
@@ -269,7 +374,11 @@ def test_gpu_check_targets_read_across_parts():
                                 {"shape": "qwen2.5-1.5b", "method": "cce_filtered", "mode": "fwd+bwd",
                                  "median_ms": 43.6, "x_floor": 1.31, "peak_extra_gib": 0.0}],
                "rollout_hf": [{"kind": "backend", "backend": "hf", "tok_per_s": 2000.0}],
-               "rollout_more": [{"kind": "backend", "backend": "hf-static", "tok_per_s": 5000.0}]}
+               "rollout_more": [{"kind": "backend", "backend": "hf-static", "tok_per_s": 5000.0}],
+               "qlora": [{"arch": "qwen2-1.5b", "peak_rollout_gib": 3.3, "estimate_rollout_gib": 3.0,
+                          "ratio_rollout": 1.1, "peak_update_gib": 5.6, "estimate_update_gib": 5.0,
+                          "ratio_update": 1.12},
+                         {"arch": "qwen2.5-7b", "error": "cut at --stop-at after 0 of 2 steps, during the build"}]}
     got = {t[0]: t[2] for t in gc.targets(results)}
     assert got["SPPO peak <= 0.55x PPO's at the same 8bit plan"] == \
         "9.00 / 18.00 GiB = 0.500 -> met; SPPO <= 20 GiB: met"
@@ -277,6 +386,8 @@ def test_gpu_check_targets_read_across_parts():
     assert got["1.5B full-parameter update <= 20 GiB"] == "offload 12.50 GiB -> met; 8bit 21.00 GiB -> not met"
     assert got["rollout tokens/s per backend (hf first); the fastest is `auto`'s CUDA pick"] == \
         "hf 2000, hf-static 5000; fastest hf-static"
+    assert next(v for k, v in got.items() if k.startswith("qlora rung")) == \
+        "qwen2-1.5b rollout 3.30 / 3.00 GiB = 1.100 -> met; qwen2-1.5b update 5.60 / 5.00 GiB = 1.120 -> not met"
     kernel = next(v for k, v in got.items() if "Qwen" in k)
     assert kernel.startswith("qwen2.5-1.5b: ours_ppo_loss_chunked 40.0 ms (1.20x floor")
     assert "fastest peer cce_filtered 43.6 ms" in kernel
