@@ -26,10 +26,10 @@ they go, so a part cut at its budget keeps what it finished; a part starts only 
   (b) memory: bench_memory.py, the 1.5B full-parameter update at the rungs whose estimate is <= 20 GiB (offload,
       8bit); train: bench_train.py, SPPO (shared head) and PPO (critic LLM) under the same 8bit plan: peak ratio
   (c) rollout_hf: bench_rollout.py, hf backend tokens/s at the 1.5B shape
-  rest: qlora (issue 25's rung: NF4 base + LoRA, rollout and update peaks vs the planner at the 1.5B shape, then at
-      7B while its budget lasts), rollout_more (hf-static, paged), train_more (GRPO G=8, SPPO + separate critic),
-      pytest (the CUDA test files), cli (the trainer's command line end to end), kernels_more (the other methods
-      and shapes), memory_more (bf16 and ckpt rungs)
+  rest: pytest (the CUDA test files: correctness first), qlora (issue 25's rung: NF4 base + LoRA, rollout and
+      update peaks vs the planner at the 1.5B shape, then at 7B while its budget lasts), rollout_more (hf-static,
+      paged), train_more (GRPO G=8, SPPO + separate critic), cli (the trainer's command line end to end),
+      kernels_more (the other methods and shapes), memory_more (bf16 and ckpt rungs)
 `PARTS` below holds each part's estimate (seconds on one H100/H200), its basis, its budget and the targets it
 covers; `--plan` prints them, and tests/test_bench.py checks that the preamble and (a)-(c) fit in the first 300 s
 by these estimates.
@@ -381,6 +381,11 @@ PARTS = [
          "of a 28-layer model at ~25 ms (launch-bound) ~26 s",
          "rollout tokens/s of the hf backend (the trainer's CUDA default) at the 1.5B shape, 64 x 1024",
          part_rollout("hf"), read_rollout),
+    Part("pytest", "rest", 60, 90,
+         "the four CUDA test files at realistic sizes: unmeasured on a GPU; on the CPU they take minutes under the "
+         "Triton interpreter, which the GPU replaces",
+         "our kernels' correctness on the GPU, bf16 included; the memory plans' optimizers on CUDA", part_pytest,
+         read_pytest, ("pytest", "triton")),
     Part("qlora", "rest", 85, 130,
          "1.5B: start 8 s; random init in bf16 on the GPU 2 s, NF4 quantization of its 196 weights (torchao, 1 M "
          "elements per chunk) ~3 s, peft wrap 1 s; Triton JIT of the trainer's kernels at this shape ~6 s; 2 steps x "
@@ -402,11 +407,6 @@ PARTS = [
          "as train: GRPO G=8 (16 prompts x 8: a 128-sequence rollout) ~40 s, SPPO + separate critic ~35 s",
          "SPPO prompts/s >= 4x GRPO G=8's (with train's SPPO row); the separate critic's cost",
          part_train("grpo8,sppo_critic", "grpo8"), read_train, ("triton", "torchao"), dry=False),
-    Part("pytest", "rest", 60, 90,
-         "the four CUDA test files at realistic sizes: unmeasured on a GPU; on the CPU they take minutes under the "
-         "Triton interpreter, which the GPU replaces",
-         "our kernels' correctness on the GPU, bf16 included; the memory plans' optimizers on CUDA", part_pytest,
-         read_pytest, ("pytest", "triton")),
     Part("cli", "rest", 40, 60,
          "start + model build 12 s; 10 steps of 32 x 128 tokens on a 4-layer model ~25 s",
          "the user path end to end on CUDA: `python -m sppo_fast.train` with --bf16 --liger --memory-budget",

@@ -118,8 +118,8 @@ def test_gpu_check_dry_run(tmp_path):
     assert env_row["dry_run"] and env_row["torch"] and "git_sha" in env_row and env_row["sppo_fast_kernels"] == "ok"
     assert env_row["triton_launch"] == "skipped: no CUDA" and env_row["probe_rc"] == 0 and env_row["cc"]
     parts = {r["part"]: r for r in rows if r["kind"] == "part"}
-    assert list(parts) == ["kernels_qwen", "kernels_llama", "memory", "train", "rollout_hf", "qlora", "rollout_more",
-                           "train_more", "pytest", "cli", "kernels_more", "memory_more"]
+    assert list(parts) == ["kernels_qwen", "kernels_llama", "memory", "train", "rollout_hf", "pytest", "qlora",
+                           "rollout_more", "train_more", "cli", "kernels_more", "memory_more"]
     assert parts["pytest"]["status"] == "skipped: no CUDA"
     dry_skipped = {"kernels_llama", "train_more", "memory_more"}  # the same scripts as earlier parts: CI time
     assert all(parts[name]["status"].startswith("skipped: dry run") for name in dry_skipped)
