@@ -4,7 +4,9 @@
 `sppo_fast/cli.py` builds an `Args` from a preset, YAML and flags; `sppo_fast/train.py` runs it. `algorithm(args)`
 is the one place that reads --algo: it returns the registered algorithm (sppo_fast/algos.py) the run uses.
 """
+import importlib.util
 import math
+import os
 import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -148,11 +150,13 @@ class Args:
     memory_plan: str = "auto"
     """auto (with a budget: the first that fits; without: fp32) or fp32 | ckpt (+ gradient checkpointing) | bf16
     (+ bf16 weights, torchao AdamW with stochastic rounding, fp32 states) | 8bit (+ 8-bit states) | offload (fp32
-    states in host RAM); see sppo_fast/memory.py"""
+    states in host RAM) | qlora (frozen NF4 base, bf16 head and norms, fp32 LoRA adapters and value head, torch
+    AdamW; needs torchao and peft; single process); see sppo_fast/memory.py"""
     liger: bool = True
     """apply Liger's RMSNorm/SwiGLU/RoPE kernels to the backbone on GPU when installed"""
     lora_rank: int = 0
-    """LoRA rank (0 = full fine-tuning); needs peft"""
+    """LoRA rank (0 = full fine-tuning, except on --memory-plan qlora, where 0 = the rung's default rank 16); needs
+    peft"""
     lora_alpha: int = 16
     """LoRA alpha"""
     kernel_impl: str = "auto"
@@ -205,7 +209,7 @@ CHOICES = {"algo": tuple(algos.ALGOS), "loss_agg": ("token-mean", "seq-mean-toke
            "kernel_impl": ("auto", "chunked", "triton", "torch"), "grad_clip": ("separate", "joint"),
            "code_sandbox": ("namespaces", "none"), "rollout_backend": ("auto", *BACKENDS),
            "value_norm": ("none", "layernorm"),
-           "memory_plan": ("auto", "fp32", "ckpt", "bf16", "8bit", "offload")}
+           "memory_plan": ("auto", *memory.LEVELS)}
 # Valid ranges in interval notation, exactly as the error messages print them. Fields not listed take any value of
 # their type (floats must still be finite).
 RANGES = {
@@ -295,6 +299,22 @@ def check_args(args: Args) -> None:
             memory.parse_bytes(args.memory_budget)
         except ValueError as e:
             raise ConfigError(f"--memory-budget: {e}") from None
+    if args.memory_plan == "qlora":  # a budget that reaches the rung by itself is checked once it is chosen (preflight)
+        check_qlora("--memory-plan qlora")
+
+
+def check_qlora(why: str) -> None:
+    """The qlora rung's requirements, before anything loads: torchao (the NF4 base) and peft (the adapters)
+    importable, and one process. FSDP2 sharding of NF4 weights under torchrun is untested here, so it is refused
+    rather than left to fail (or silently mis-shard) in the first forward."""
+    missing = [name for name in ("torchao", "peft") if importlib.util.find_spec(name) is None]
+    if missing:
+        raise ConfigError(f"{why} needs {' and '.join(missing)} (a frozen NF4 base from torchao, LoRA adapters from "
+                          f"peft): pip install 'torchao>=0.18' 'peft>=0.13' (in the checkout: pip install -e "
+                          f"'.[memory,lora]')")
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ConfigError(f"{why} runs in one process: sharding its NF4 base with FSDP2 under torchrun is not "
+                          f"supported; run it without torchrun (it is the rung for one GPU)")
 
 
 def algorithm(args: Args) -> algos.Algorithm:

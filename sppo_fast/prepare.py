@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from sppo_fast import checkpoint, data, distributed, memory, rewards, rollout
-from sppo_fast.config import Args, ConfigError, algorithm, check_args
+from sppo_fast.config import Args, ConfigError, algorithm, check_args, check_qlora
 from sppo_fast.config import flag as option_flag
 from sppo_fast.model import attention_implementation, check_model_dir, load_critic, load_policy, with_pad_token
 from sppo_fast.value_head import ValueHead
@@ -100,9 +100,14 @@ def preflight(args: Args, device: torch.device) -> Preflight:
                         micro_batch_tokens=args.micro_batch_tokens, gen_batch_size=args.gen_batch_size,
                         batch_sequences=args.batch_size * algo.samples_per_prompt,
                         gradient_checkpointing=args.gradient_checkpointing, cuda=device.type == "cuda",
-                        kernel_impl=args.kernel_impl, flag="--memory-budget / --memory-plan")
+                        kernel_impl=args.kernel_impl, lora_rank=args.lora_rank,
+                        flag="--memory-budget / --memory-plan")
+    if plan.quantize and args.memory_plan != "qlora":  # a budget chose the rung (a forced one was checked already)
+        check_qlora(f"--memory-budget {args.memory_budget} (it chose the qlora rung)")
+    # config.yaml records what the run uses: the plan's sizes and checkpointing, the qlora rung's effective LoRA rank
     args = replace(args, gradient_checkpointing=plan.gradient_checkpointing, micro_batch_tokens=plan.micro_batch_tokens,
-                   gen_batch_size=plan.gen_batch_size, **absolute_paths(vars(args)))  # config.yaml records them
+                   gen_batch_size=plan.gen_batch_size, lora_rank=plan.lora_rank,
+                   **absolute_paths(vars(args)))
     if args.resume:
         notes += _moved_paths(run_dir, args)
     return Preflight(args, model_path, critic_path, resume_ckpt, run_dir, tokenizer, train_rows, eval_rows,
@@ -373,18 +378,23 @@ def open_run_dir(pre: Preflight, device: torch.device) -> bool:
 
 def build_models(pre: Preflight, device: torch.device):
     """(policy, critic LLM or None, value head or None), as the algorithm asks, sharded under torchrun (FSDP2)."""
-    args, resume_ckpt, algo = pre.args, pre.resume_ckpt, algorithm(pre.args)
-    policy_path = resume_ckpt / "policy" if resume_ckpt is not None else pre.model_path
-    policy = load_policy(policy_path, device=device, attn_implementation=attention_implementation(device),
-                         gradient_checkpointing=args.gradient_checkpointing, liger=args.liger,
-                         lora_rank=0 if resume_ckpt is not None else args.lora_rank, lora_alpha=args.lora_alpha,
-                         dtype=pre.plan.dtype)
+    args, resume_ckpt, algo, plan = pre.args, pre.resume_ckpt, algorithm(pre.args), pre.plan
+    # The qlora rung quantizes the base (policy and critic alike) under LoRA adapters of the plan's rank (preflight
+    # put it in args.lora_rank); other rungs give --lora-rank to the policy alone and train a critic in full. A
+    # resumed checkpoint's adapter directory says its own rank and quantization (quantization.json): no flags then.
+    fresh = resume_ckpt is None
+    quantize, lora_rank = (plan.quantize, args.lora_rank) if fresh else ("", 0)
+    load = dict(device=device, attn_implementation=attention_implementation(device),
+                gradient_checkpointing=args.gradient_checkpointing, dtype=plan.dtype, quantize=quantize,
+                lora_alpha=args.lora_alpha)
+    policy = load_policy(pre.model_path if fresh else resume_ckpt / "policy", liger=args.liger, lora_rank=lora_rank,
+                         **load)
     policy.train()
     critic = None
-    if pre.critic_path is not None:  # a separate critic LLM (decoder only: it needs no lm_head)
-        critic_path = resume_ckpt / "critic" if resume_ckpt is not None else pre.critic_path
-        critic = load_critic(critic_path, device=device, attn_implementation=attention_implementation(device),
-                             gradient_checkpointing=args.gradient_checkpointing, dtype=pre.plan.dtype)
+    if pre.critic_path is not None:  # a separate critic LLM (decoder only: it needs no lm_head); on qlora its own
+        # NF4 copy of the base with its own adapters, under the shared fp32 value head
+        critic = load_critic(pre.critic_path if fresh else resume_ckpt / "critic",
+                             lora_rank=lora_rank if quantize else 0, **load)
         critic.train()
     value_head = None
     if algo.value != "none":
@@ -403,7 +413,9 @@ def build_optimizer(args: Args, policy, critic, value_head, plan, device: torch.
     groups = [{"params": [p for p in policy.parameters() if p.requires_grad], "lr": args.lr,
                "weight_decay": args.weight_decay}]
     if value_head is not None:
-        value_params = list(value_head.parameters()) + (list(critic.parameters()) if critic is not None else [])
+        # a LoRA critic (qlora) trains only its adapters: its frozen base never reaches the optimizer
+        value_params = list(value_head.parameters()) + (
+            [p for p in critic.parameters() if p.requires_grad] if critic is not None else [])
         groups.append({"params": value_params, "lr": args.value_lr, "weight_decay": args.value_weight_decay})
     optimizer = memory.build_optimizer(groups, plan.optimizer, device, betas=(0.9, 0.999), eps=1e-8)
     scheduler = torch.optim.lr_scheduler.LambdaLR(

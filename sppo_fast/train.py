@@ -311,6 +311,14 @@ def _evaluate(stepper, eval_rows, eval_texts, reward_fn, args) -> dict:
 
 # ---------------------------------------------------------------------------------------------------------------------
 # The loop
+def param_counts(model) -> str:
+    """'0.86M params', or with a frozen base (LoRA, the qlora rung's NF4 base counted at its logical size)
+    '1.03M params, 0.16M trainable'."""
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return f"{total / 1e6:.2f}M params" + (f", {trainable / 1e6:.2f}M trainable" if trainable != total else "")
+
+
 @recovery.resumable
 def main(args: Args, interrupts, where: dict) -> dict:
     """Train: `main(args)`. Returns {"run_dir", "start", "end", "step"}, or {"interrupted": True, "signal", "step",
@@ -335,9 +343,8 @@ def main(args: Args, interrupts, where: dict) -> dict:
     logger = MetricsLogger(run_dir, tensorboard=args.tensorboard,
                            resume_step=start_step if pre.resume_ckpt is not None else None) \
         if distributed.is_main() else distributed.NullLogger()  # torchrun: rank 0 logs
-    print(f"run dir: {run_dir}\nmodel: {pre.model_path} ({sum(p.numel() for p in policy.parameters()) / 1e6:.2f}M "
-          f"params, {policy.config._attn_implementation}, {device}); train {len(pre.train_rows)} / eval "
-          f"{len(pre.eval_rows)} prompts")
+    print(f"run dir: {run_dir}\nmodel: {pre.model_path} ({param_counts(policy)}, {policy.config._attn_implementation}, "
+          f"{device}); train {len(pre.train_rows)} / eval {len(pre.eval_rows)} prompts")
     # completed: the newest step whose update (weights, optimizer, scheduler, data position, RNG) is whole;
     # saved: the newest step on disk (0: none), with its directory
     progress = {"completed": start_step, "saved": start_step if pre.resume_ckpt is not None else 0,
