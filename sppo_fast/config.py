@@ -77,6 +77,9 @@ class Args:
     """extra strings that end a response (EOS always does)"""
     lr: float = 1e-6
     """policy learning rate (paper: 1e-6)"""
+    lora_lr: float = 0.0
+    """policy learning rate when the policy trains LoRA adapters (--lora-rank > 0, or the qlora rung), in place of
+    --lr: adapters start at zero and want a larger rate than full fine-tuning; 0 = --lr"""
     value_lr: float = 1e-4
     """value-head learning rate (a linear head wants a higher rate than the paper's 5e-6 for a full critic LLM)"""
     weight_decay: float = 0.0
@@ -222,7 +225,7 @@ RANGES = {
     "eval_every": "[0, inf)", "eval_k": "[1, inf)", "seed": "[0, inf)", "lora_rank": "[0, inf)",
     "lora_alpha": "[1, inf)", "check_inputs_steps": "[0, inf)", "gen_batch_size": "[0, inf)", "threads": "[0, inf)",
     "max_nonfinite_steps": "[1, inf)", "log_every": "[1, inf)", "save_every": "[0, inf)", "keep_last": "[0, inf)",
-    "value_mlp_hidden": "[0, inf)", "value_steps": "[1, inf)", "value_replay": "[0, inf)",
+    "value_mlp_hidden": "[0, inf)", "value_steps": "[1, inf)", "value_replay": "[0, inf)", "lora_lr": "[0, inf)",
 }
 
 

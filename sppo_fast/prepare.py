@@ -410,7 +410,8 @@ def build_models(pre: Preflight, device: torch.device):
 def build_optimizer(args: Args, policy, critic, value_head, plan, device: torch.device):
     """(optimizer, scheduler): param group 0 is the policy; group 1, when there is a value function, the value head
     and the critic LLM, with their own rate, decay and gradient clipping. The plan picks the optimizer class."""
-    groups = [{"params": [p for p in policy.parameters() if p.requires_grad], "lr": args.lr,
+    lr = args.lora_lr if args.lora_rank > 0 and args.lora_lr > 0 else args.lr  # (preflight set the effective rank)
+    groups = [{"params": [p for p in policy.parameters() if p.requires_grad], "lr": lr,
                "weight_decay": args.weight_decay}]
     if value_head is not None:
         # a LoRA critic (qlora) trains only its adapters: its frozen base never reaches the optimizer

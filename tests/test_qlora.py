@@ -43,7 +43,7 @@ def _frozen_snapshot(model) -> dict:
 @pytest.mark.parametrize("algo", ["sppo", "grpo", "ppo"])
 def test_a_step_trains_only_the_adapters_and_value_heads_over_an_unchanged_nf4_base(tmp_path, algo):
     torch.manual_seed(0)
-    args = build_args([*FAST, "--algo", algo, *ALGO_FLAGS[algo], "--out-dir", str(tmp_path)])
+    args = build_args([*FAST, "--algo", algo, *ALGO_FLAGS[algo], "--lora-lr", "5e-4", "--out-dir", str(tmp_path)])
     pre = preflight(args, CPU)
     assert (pre.plan.level, pre.plan.quantize, pre.plan.lora_rank) == ("qlora", "nf4", memory.LORA_RANK_DEFAULT)
     assert pre.args.gradient_checkpointing
@@ -60,6 +60,7 @@ def test_a_step_trains_only_the_adapters_and_value_heads_over_an_unchanged_nf4_b
     expected = {id(p) for m in models.values() for p in m.parameters() if p.requires_grad} | {id(p) for p in heads}
     in_optimizer = [p for g in optimizer.param_groups for p in g["params"]]
     assert {id(p) for p in in_optimizer} == expected and len(in_optimizer) == len(expected)
+    assert optimizer.param_groups[0]["lr"] == 5e-4  # --lora-lr, not --lr, for the policy's adapters
     frozen = {name: _frozen_snapshot(m) for name, m in models.items()}
 
     stepper = Stepper(pre.args, policy, value_head, optimizer, scheduler, pre.tokenizer, CPU, critic=critic)
