@@ -29,6 +29,16 @@ FAST = ["--batch-size", "4", "--eval-size", "4", "--eval-k", "1", "--eval-every"
 ALGO_FLAGS = {"sppo": [], "grpo": ["--group-size", "2", "--batch-size", "2"], "ppo": []}
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One torch thread, as the trainer's --threads 1 sets (the runs through main() set it themselves): on a loaded
+    2-core CI machine, two OpenMP threads per tiny matmul made these tests several times slower and erratic."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def _nf4_parts(tensor) -> list:
     """The plain tensors an NF4 weight is made of (codes, scales, ...), through the subclass flatten protocol."""
     names, _ = tensor.__tensor_flatten__()
