@@ -26,7 +26,8 @@ from sppo_fast.value_head import ValueHead  # noqa: E402
 CPU = torch.device("cpu")
 FAST = ["--batch-size", "4", "--eval-size", "4", "--eval-k", "1", "--eval-every", "0", "--max-new-tokens", "16",
         "--no-progress", "--threads", "1", "--no-tensorboard", "--memory-plan", "qlora"]
-ALGO_FLAGS = {"sppo": [], "grpo": ["--group-size", "2", "--batch-size", "2"], "ppo": []}
+ALGO_FLAGS = {"sppo": [], "grpo": ["--group-size", "2", "--batch-size", "2"], "ppo": [],
+              "sppo-critic": ["--critic", "policy"]}  # SPPO with the paper's separate scalar critic
 
 
 @pytest.fixture(autouse=True)
@@ -50,17 +51,18 @@ def _frozen_snapshot(model) -> dict:
             for n, p in model.named_parameters() if not p.requires_grad}
 
 
-@pytest.mark.parametrize("algo", ["sppo", "grpo", "ppo"])
-def test_a_step_trains_only_the_adapters_and_value_heads_over_an_unchanged_nf4_base(tmp_path, algo):
+@pytest.mark.parametrize("run", list(ALGO_FLAGS))
+def test_a_step_trains_only_the_adapters_and_value_heads_over_an_unchanged_nf4_base(tmp_path, run):
     torch.manual_seed(0)
-    args = build_args([*FAST, "--algo", algo, *ALGO_FLAGS[algo], "--lora-lr", "5e-4", "--out-dir", str(tmp_path)])
+    algo = run.split("-")[0]
+    args = build_args([*FAST, "--algo", algo, *ALGO_FLAGS[run], "--lora-lr", "5e-4", "--out-dir", str(tmp_path)])
     pre = preflight(args, CPU)
     assert (pre.plan.level, pre.plan.quantize, pre.plan.lora_rank) == ("qlora", "nf4", memory.LORA_RANK_DEFAULT)
     assert pre.args.gradient_checkpointing
     policy, critic, value_head = build_models(pre, CPU)
     optimizer, scheduler = build_optimizer(pre.args, policy, critic, value_head, pre.plan, CPU)
     models = {"policy": policy, **({"critic": critic} if critic is not None else {})}
-    assert (critic is not None) == (algo == "ppo") and (value_head is not None) == (algo != "grpo")
+    assert (critic is not None) == (run in ("ppo", "sppo-critic")) and (value_head is not None) == (algo != "grpo")
     for name, model in models.items():
         assert quant.is_quantized(model), name
         trainable = [n for n, p in model.named_parameters() if p.requires_grad]
