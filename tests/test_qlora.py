@@ -1,5 +1,6 @@
 """The qlora rung (issue 25) in the trainer, on the embedded tiny model: a frozen NF4 base under LoRA adapters, the
-shared fp32 value head, and for PPO a critic with its own NF4 copy and adapters. CPU, 1-3 steps per run."""
+shared fp32 value head, and for PPO (and SPPO --critic) a critic with its own NF4 copy and adapters. CPU, 1-3 steps
+per run; about 16 s in all on the shared 2-core machine."""
 import json
 from pathlib import Path
 
