@@ -2,6 +2,7 @@
 shared fp32 value head, and for PPO (and SPPO --critic) a critic with its own NF4 copy and adapters. CPU, 1-3 steps
 per run; about 16 s in all on the shared 2-core machine."""
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -225,3 +226,40 @@ def test_qlora_config_errors_name_the_fix(monkeypatch):
                         lambda name, *a: None if name == "torchao" else find_spec(name, *a))
     with pytest.raises(ConfigError, match=r"needs torchao .*pip install 'torchao>=0.18'"):
         check_args(Args(memory_plan="qlora"))
+
+
+def _wide_model(directory: Path) -> Path:
+    """The tiny model's tokenizer on a wider random-init Llama (hidden 256, MLP 4096, 2 layers): its weights, not its
+    activations, dominate one sequence's memory, so a budget exists that the 8bit rung misses and qlora meets."""
+    import shutil
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    src = Path(default_model_path())
+    shutil.copytree(src, directory, ignore=shutil.ignore_patterns("*.safetensors", "config.json"))
+    config = LlamaConfig.from_pretrained(src)
+    config.hidden_size, config.intermediate_size, config.num_hidden_layers, config.head_dim = 256, 4096, 2, 64
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(directory)
+    return directory
+
+
+def test_a_budget_that_only_qlora_meets_chooses_it_and_checks_its_packages(tmp_path, monkeypatch):
+    import importlib.util
+
+    model = _wide_model(tmp_path / "wide")
+    shape = memory.model_shape(model)
+    need = {lv: max(memory._fits(shape, lv, 1 << 50, 64, 48, False, "auto")[0].update_peak,
+                    memory._fits(shape, lv, 1 << 50, 64, 48, False, "auto")[0].rollout_peak)
+            for lv in ("fp32", "ckpt", "bf16", "8bit", "qlora")}
+    budget = math.ceil(need["qlora"] * 1.05 / (1 - memory.RESERVE_FRACTION))
+    assert budget * (1 - memory.RESERVE_FRACTION) < min(need[lv] for lv in ("fp32", "ckpt", "bf16", "8bit"))
+    flags = ["--model", str(model), "--memory-budget", str(budget), "--max-prompt-tokens", "48",
+             "--max-new-tokens", "16", "--batch-size", "4", "--eval-size", "4", "--no-progress", "--no-tensorboard",
+             "--out-dir", str(tmp_path / "runs")]
+    pre = preflight(build_args(flags), CPU)
+    assert (pre.plan.level, pre.plan.quantize, pre.args.lora_rank) == ("qlora", "nf4", memory.LORA_RANK_DEFAULT)
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "peft" else find_spec(name, *a))
+    with pytest.raises(ConfigError, match=r"--memory-budget \d+ \(it chose the qlora rung\) needs peft"):
+        preflight(build_args(flags), CPU)
