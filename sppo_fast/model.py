@@ -70,10 +70,8 @@ def load_policy(path, *, device, attn_implementation: str, gradient_checkpointin
                              gradient_checkpointing=gradient_checkpointing, dtype=dtype, quantize=quantize,
                              liger=liger)
     _check_quantize(quantize, lora_rank)
-    model = _load_base(path, critic=False, dtype=dtype, attn_implementation=attn_implementation)
-    if quantize:  # on the device one weight at a time, before the rest moves: the 16-bit base never sits there whole
-        quant.quantize_linears(model, device=device)
-    model.to(device)
+    model = _load_base(path, critic=False, dtype=dtype, attn_implementation=attn_implementation, device=device,
+                       nf4={} if quantize else None)
     if liger and device.type == "cuda":
         apply_liger(model)
     if gradient_checkpointing:
@@ -96,10 +94,8 @@ def load_critic(path, *, device, attn_implementation: str, gradient_checkpointin
                              gradient_checkpointing=gradient_checkpointing, dtype=dtype, quantize=quantize,
                              critic=True)
     _check_quantize(quantize, lora_rank)
-    model = _load_base(path, critic=True, dtype=dtype, attn_implementation=attn_implementation)
-    if quantize:
-        quant.quantize_linears(model, device=device)
-    model.to(device)
+    model = _load_base(path, critic=True, dtype=dtype, attn_implementation=attn_implementation, device=device,
+                       nf4={} if quantize else None)
     if gradient_checkpointing:
         enable_checkpointing(model)
     if lora_rank > 0:
@@ -115,15 +111,21 @@ def _check_quantize(quantize: str, lora_rank: int) -> None:
                          f"(lora_rank > 0, got {lora_rank})")
 
 
-def _load_base(path, *, critic: bool, dtype, attn_implementation):
-    """A causal LM from `path` (on the host), or for a critic its decoder alone (AutoModel)."""
+def _load_base(path, *, critic: bool, dtype, attn_implementation, device, nf4: dict | None = None):
+    """A causal LM from `path`, or for a critic its decoder alone (AutoModel), on `device`. nf4 (None: dense) holds
+    quant.quantize_linears' block sizes ({}: its defaults): the linears are quantized on the device one weight at a
+    time while the model is still on the host, so the 16-bit base never sits on the device whole."""
     from transformers import AutoModel, AutoModelForCausalLM
 
     if not critic:
-        return AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, attn_implementation=attn_implementation)
-    return _without_expected_load_report(
-        lambda: AutoModel.from_pretrained(str(path), dtype=dtype, attn_implementation=attn_implementation,
-                                          output_loading_info=True), expected_unexpected=("lm_head.",))
+        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, attn_implementation=attn_implementation)
+    else:
+        model = _without_expected_load_report(
+            lambda: AutoModel.from_pretrained(str(path), dtype=dtype, attn_implementation=attn_implementation,
+                                              output_loading_info=True), expected_unexpected=("lm_head.",))
+    if nf4 is not None:
+        quant.quantize_linears(model, device=device, **nf4)
+    return model.to(device)
 
 
 def _without_expected_load_report(load, expected_unexpected: tuple):
@@ -201,12 +203,9 @@ def _load_adapter(path, *, device, attn_implementation, gradient_checkpointing, 
     if described is None and quantize:
         described = {"format": quantize, "block_size": 64, "scaler_block_size": 256,
                      "dtype": str(dtype).removeprefix("torch.")}
-    model = _load_base(check_model_dir(base), critic=critic, attn_implementation=attn_implementation,
-                       dtype=quant.dtype_of(described) if described else dtype)
-    if described:
-        quant.quantize_linears(model, device=device, block_size=described["block_size"],
-                               scaler_block_size=described["scaler_block_size"])
-    model.to(device)
+    model = _load_base(check_model_dir(base), critic=critic, attn_implementation=attn_implementation, device=device,
+                       dtype=quant.dtype_of(described) if described else dtype,
+                       nf4={key: described[key] for key in ("block_size", "scaler_block_size")} if described else None)
     if liger and not critic and device.type == "cuda":  # the kernels a run that started from the base had
         apply_liger(model)
     if gradient_checkpointing:
