@@ -95,7 +95,8 @@ def run_flags(spec: dict) -> list:
              "--value-lr", repr(spec["value_lr"]), "--eval-every", str(spec["eval_every"]),
              "--eval-size", str(spec["eval_size"]), "--eval-k", str(spec["eval_k"]), "--save-every", "0",
              "--micro-batch-tokens", str(spec["micro_batch_tokens"]), "--seed", str(spec["seed"]),
-             "--threads", "1", "--no-progress", "--no-tensorboard", "--device", "cpu", "--grad-clip", "joint", *algo[1]]
+             "--threads", "1", "--no-progress", "--no-tensorboard", "--device", "cpu", "--grad-clip", "joint",
+             "--log-eval-samples", *algo[1]]
     if spec["model"]:
         flags += ["--model", spec["model"]]
     if spec["algo"] == "sppo_critic":
@@ -106,12 +107,11 @@ def run_flags(spec: dict) -> list:
 def worker(spec_path: str) -> int:
     spec = json.loads(Path(spec_path).read_text())
     from sppo_fast.cli import build_args
-    from sppo_fast.metrics import read_metrics
+    from sppo_fast.metrics import read_metrics, read_rows
     from sppo_fast.train import main
 
     t0 = time.perf_counter()
     args = build_args(run_flags(spec) + ["--out-dir", spec["runs_dir"], "--run-name", spec["key"]])
-    per_prompt = capture_eval_rewards()
     result = main(args)
     wall = time.perf_counter() - t0
     run_dir = Path(result["run_dir"])
@@ -127,6 +127,9 @@ def worker(spec_path: str) -> int:
     row = {"kind": "run", **{k2: v for k2, v in spec.items() if k2 not in ("runs_dir", "out_json")},
            "evals": evals, "reward_curve": [round(r["reward/mean"], 4) for r in train],
            "train_value_pearson_last10": mean("value/pearson", last), "train_reward_last10": mean("reward/mean", last),
+           # where the advantage's signal comes from (Pearson over response tokens, per step; see Stepper.micro_batch)
+           "train_advantage_reward_pearson": [_finite(r.get("stats/advantage_reward_pearson")) for r in train],
+           "train_token_value_pearson": [_finite(r.get("value/token_pearson")) for r in train],
            "step_s_median": _median([r["perf/rollout_s"] + r["perf/reward_s"] + r["perf/update_s"] for r in train]),
            "rollout_s_median": _median([r["perf/rollout_s"] for r in train]),
            "update_s_median": _median([r["perf/update_s"] for r in train]),
@@ -136,45 +139,14 @@ def worker(spec_path: str) -> int:
     row["score"] = (row["final_pass1"] + row["final_avgk"]) / 2
     # per-prompt results of the final eval (for a paired bootstrap over prompts): greedy 0/1 per prompt as a string
     # of "0"/"1", and per prompt the number of its k samples that scored 1 as a string of digits (k <= 9)
-    if per_prompt and len(per_prompt[-1]) == 2:
-        g, smp = per_prompt[-1]
-        binary = all(x in (0.0, 1.0) for x in g + smp)
-        if binary and k <= 9 and len(smp) == k * len(g):
-            row["final_pass1_per_prompt"] = "".join(str(int(x)) for x in g)
-            row["final_avgk_counts"] = "".join(str(int(sum(smp[i * k:(i + 1) * k]))) for i in range(len(g)))
+    final = [r for r in read_rows(run_dir / "eval_samples.jsonl") if r["step"] == evals[-1]["step"]]
+    binary = all(x in (0.0, 1.0) for r in final for x in [r["reward"], *r["sampled_rewards"]])
+    if final and binary and k <= 9:
+        row["final_pass1_per_prompt"] = "".join(str(int(r["reward"])) for r in final)
+        row["final_avgk_counts"] = "".join(str(int(sum(r["sampled_rewards"]))) for r in final)
     shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)  # keep metrics.jsonl, drop the weights
     Path(spec["out_json"]).write_text(json.dumps(row))
     return 0
-
-
-def capture_eval_rewards():
-    """Record each evaluation's per-prompt rewards (greedy, then the k samples) in this worker process.
-
-    The trainer's evaluation returns only means, and this benchmark may not change the package, so the worker wraps
-    `train._evaluate` and, inside it only, `train.score_rewards`: logging only. score_rewards is a pure function of
-    strings; the wrapper copies its output and draws no random numbers, so the training trajectory is unchanged
-    (checked: metrics.jsonl identical with and without it). Each worker is its own process, one run, so the patch
-    touches nothing else. Returns the list the evaluations append [greedy rewards, sampled rewards] to."""
-    from sppo_fast import train
-
-    log, on = [], []
-    evaluate, score = train._evaluate, train.score_rewards
-
-    def score_logged(*a, **kw):
-        R = score(*a, **kw)
-        if on:
-            on[-1].append([float(x) for x in R.detach().cpu().reshape(-1).tolist()])
-        return R
-
-    def evaluate_logged(*a, **kw):
-        on.append([])
-        try:
-            return evaluate(*a, **kw)
-        finally:
-            log.append(on.pop())
-
-    train._evaluate, train.score_rewards = evaluate_logged, score_logged
-    return log
 
 
 def _sha256(path):
@@ -1113,6 +1085,16 @@ def build_horizon_model(horizon: int, cache: str):
     return str(out.resolve()), json.loads(info.read_text())
 
 
+def horizon_data(horizon: int, eval_size: int, cache: str) -> list:
+    """The trainer's data flags for a horizon's task: its train/eval JSONL, written once under `cache`."""
+    from sppo_fast import synthetic
+
+    data_dir = Path(cache or tempfile.gettempdir()) / f"sppo_fast_synthetic_h{horizon}_e{eval_size}"
+    train_path, eval_path = synthetic.write_jsonl_split(data_dir, 10_000, eval_size,
+                                                        **synthetic.task_for_horizon(horizon))
+    return ["--data", train_path, "--eval-data", eval_path, "--reward", "exact"]
+
+
 def estimate(o, planner, preset, model_path, built, work_dir, prefix) -> int:
     """The protocol's CPU cost at this horizon from short timed runs, without building the horizon's model.
 
@@ -1241,26 +1223,35 @@ def write_outputs(o, env, preset, model_path, done, kept, failed, total, prefix)
     return jsonl, md, png
 
 
-def report(o) -> int:
-    """--report: the tables, figure and summary rows again from a finished JSONL, with this code's analysis."""
-    prefix = Path(o.out) if o.out else None
-    if prefix is None or not prefix.with_name(prefix.name + ".jsonl").is_file():
-        raise SystemExit("--report needs --out PREFIX with an existing PREFIX.jsonl")
-    rows = [json.loads(line) for line in prefix.with_name(prefix.name + ".jsonl").read_text().splitlines()
-            if line.strip()]
+def reopen(prefix, tie_rule="sd", fresh_seeds=0):
+    """(settings as the planner reads them, env row, all rows, finished runs by key) of a finished benchmark JSONL;
+    fresh_seeds > 0 plans that many seeds besides the selection seed (as `--fresh-seeds`)."""
+    prefix = Path(prefix)
+    path = prefix.with_name(prefix.name + ".jsonl")
+    if not path.is_file():
+        raise SystemExit(f"{path} not found: give the prefix of a finished benchmark (PREFIX.jsonl)")
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     env = next((r for r in rows if r.get("kind") == "env"), None)
     if env is None or "settings" not in env:
-        raise SystemExit(f"{prefix}.jsonl has no env row with the run's settings")
+        raise SystemExit(f"{path} has no env row with the run's settings")
     st = env["settings"]
     ro = argparse.Namespace(**st)
-    ro.tie_rule, ro.report, ro.out = o.tie_rule, True, str(prefix)
+    ro.tie_rule, ro.report, ro.out = tie_rule, True, str(prefix)
     ro.base_seeds = st.get("base_seeds", st["seeds"])
-    if o.fresh_seeds:
-        ro.fresh_seeds, ro.seeds = o.fresh_seeds, [st["seeds"][0]] + [st["seeds"][0] + i for i in
-                                                                       range(1, o.fresh_seeds + 1)]
+    if fresh_seeds:
+        ro.fresh_seeds, ro.seeds = fresh_seeds, [st["seeds"][0]] + [st["seeds"][0] + i for i in
+                                                                     range(1, fresh_seeds + 1)]
     else:
         ro.fresh_seeds = st.get("fresh_seeds", 0)
-    done = {r["key"]: r for r in rows if r.get("kind") == "run"}
+    return ro, env, rows, {r["key"]: r for r in rows if r.get("kind") == "run"}
+
+
+def report(o) -> int:
+    """--report: the tables, figure and summary rows again from a finished JSONL, with this code's analysis."""
+    if not o.out:
+        raise SystemExit("--report needs --out PREFIX with an existing PREFIX.jsonl")
+    prefix = Path(o.out)
+    ro, env, rows, done = reopen(prefix, o.tie_rule, o.fresh_seeds)
     kept = [r for r in rows if r.get("kind") not in ("env", "run", "summary", "verdict", "comparisons")]
     env = {k: v for k, v in env.items() if k not in ("settings", "preset")}
     total = sum(env.get("wall_s_invocations", [0.0]))
@@ -1337,9 +1328,7 @@ def main(argv=None) -> int:
         o.max_new_tokens = o.max_new_tokens or synthetic.max_solution_chars(**o.task) + 2
         if not o.model and not o.estimate:  # the estimate times fixed-length rollouts: any model of this size
             o.model, built = build_horizon_model(o.horizon, o.model_cache)
-        data_dir = Path(o.model_cache or tempfile.gettempdir()) / f"sppo_fast_synthetic_h{o.horizon}_e{o.eval_size}"
-        train_path, eval_path = synthetic.write_jsonl_split(data_dir, 10_000, o.eval_size, **o.task)
-        o.data_flags = ["--data", train_path, "--eval-data", eval_path, "--reward", "exact"]
+        o.data_flags = horizon_data(o.horizon, o.eval_size, o.model_cache)
     o.max_new_tokens = o.max_new_tokens or preset["max_new_tokens"]
     for a in o.algos:
         if o.batch % ALGOS[a][2]:

@@ -137,6 +137,9 @@ class Args:
     """evaluate every this many steps (and at the start and end); 0 = start and end only"""
     eval_k: int = 4
     """avg@k: sampled responses per eval prompt at the rollout temperature"""
+    log_eval_samples: bool = False
+    """also write every evaluation's per-prompt results to RUN_DIR/eval_samples.jsonl (one row per prompt: its
+    index in the eval set, the prompt, the greedy response and its reward, the eval_k samples' rewards, V(prompt))"""
 
     # --- engineering
     seed: int = 0

@@ -113,6 +113,9 @@ class NullLogger:
     def log(self, step, scalars) -> None:
         pass
 
+    def log_eval_samples(self, step, rows) -> None:
+        pass
+
     def close(self) -> None:
         pass
 
@@ -283,7 +286,7 @@ def reduce_totals(totals: dict) -> dict:
         # sorted: the same keys on every rank (same code path, global nonfinite check), maybe inserted in another order
         keys = sorted(k for k in plain if _REDUCE_OPS.get(k, "sum") == op_name)
         if keys:
-            stacked = torch.stack([totals[k].detach().float().cpu().reshape(()) for k in keys])  # log time: syncs
+            stacked = torch.stack([totals[k].detach().double().cpu().reshape(()) for k in keys])  # log time: syncs
             dist.all_reduce(stacked, op=op)
             out.update(zip(keys, stacked.unbind()))
     return {k: out[k] for k in totals}
@@ -300,6 +303,15 @@ def all_gather_cat(t: torch.Tensor | None) -> torch.Tensor | None:
     parts = [None] * dist.get_world_size()
     dist.all_gather_object(parts, t.detach().cpu())
     return torch.cat(parts)
+
+
+def all_gather_list(items: list) -> list:
+    """Every rank's list of picklable items, concatenated in rank order; `items` itself without a group."""
+    if not enabled():
+        return items
+    parts = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, items)
+    return [x for p in parts for x in p]
 
 
 def gather_step(samples: list, R: torch.Tensor, values: torch.Tensor | None):

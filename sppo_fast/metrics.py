@@ -5,21 +5,24 @@ from pathlib import Path
 
 
 class MetricsLogger:
-    """Appends one JSON object per logged step to RUN_DIR/metrics.jsonl and mirrors scalars to TensorBoard.
+    """Appends one JSON object per logged step to RUN_DIR/metrics.jsonl and mirrors scalars to TensorBoard;
+    `log_eval_samples` appends an evaluation's per-prompt rows to RUN_DIR/eval_samples.jsonl.
 
     `resume_step=N` continues a run from its checkpoint at step N: rows logged after N (by the run that went past
-    its last checkpoint before it stopped) are dropped from metrics.jsonl, and TensorBoard is told to hide its events
-    after N (`purge_step`), so every step appears once. Without it the file starts empty."""
+    its last checkpoint before it stopped) are dropped from both files, and TensorBoard is told to hide its events
+    after N (`purge_step`), so every step appears once. Without it the files start empty."""
 
     def __init__(self, run_dir, tensorboard: bool = True, resume_step: int | None = None):
         self.path = Path(run_dir) / "metrics.jsonl"
-        if resume_step is None:
-            self.path.unlink(missing_ok=True)
-        elif self.path.is_file():
-            kept = [r for r in read_rows(self.path) if r.get("step", 0) <= resume_step]
-            tmp = self.path.with_suffix(".jsonl.tmp")
-            tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
-            tmp.replace(self.path)  # atomic: a crash here leaves the old file, never half of it
+        self.samples_path = Path(run_dir) / "eval_samples.jsonl"
+        for path in (self.path, self.samples_path):
+            if resume_step is None:
+                path.unlink(missing_ok=True)
+            elif path.is_file():
+                kept = [r for r in read_rows(path) if r.get("step", 0) <= resume_step]
+                tmp = path.with_suffix(".jsonl.tmp")
+                tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
+                tmp.replace(path)  # atomic: a crash here leaves the old file, never half of it
         self.tb = None
         if tensorboard:
             try:
@@ -36,6 +39,10 @@ class MetricsLogger:
         if self.tb is not None:
             for key, value in scalars.items():
                 self.tb.add_scalar(key, float(value), step)
+
+    def log_eval_samples(self, step: int, rows: list) -> None:
+        with open(self.samples_path, "a") as f:
+            f.write("".join(json.dumps({"step": step, **r}) + "\n" for r in rows))
 
     def close(self) -> None:
         if self.tb is not None:
@@ -68,8 +75,9 @@ def read_metrics(run_dir) -> list:
 
 # Panel order: what a user reads first. Learning (held-out accuracy, train reward), then the critic's calibration,
 # then the losses and PPO statistics; timing, memory, learning rates and counters last.
-PANEL_ORDER = ("eval/pass@1", "eval/avg@", "reward/", "eval/value_pearson", "value/pearson", "eval/value_mean",
-               "value/mean", "eval/", "losses/", "stats/", "rollout/", "value/", "perf/", "time/", "memory/", "lr/")
+PANEL_ORDER = ("eval/pass@1", "eval/avg@", "reward/", "eval/value_pearson", "value/pearson", "value/token_pearson",
+               "eval/value_mean", "value/mean", "eval/", "losses/", "stats/", "rollout/", "value/", "perf/", "time/",
+               "memory/", "lr/")
 # The learning curves: drawn even when flat, since "accuracy and reward stayed at 0" is the news a user needs
 ALWAYS_DRAWN = ("eval/pass@1", "eval/avg@", "reward/")
 
@@ -127,7 +135,7 @@ def log_step(step, totals, R, values, samples, times, peaks, stepper, counters, 
     from sppo_fast import distributed  # here, not at the top: `sppo-fast plot` needs no torch
     t0, t1, t2, t3 = times
     resp_tokens = sum(len(s.response_ids) for s in samples)
-    scalars = {k: v.item() for k, v in distributed.reduce_totals(totals).items()}  # host sync, per log
+    scalars = correlations({k: v.item() for k, v in distributed.reduce_totals(totals).items()})  # host sync, per log
     scalars.update({"reward/mean": R.mean().item(), "reward/solved": (R > 0.5).float().mean().item(),
                     "rollout/response_len": resp_tokens / len(samples),
                     "rollout/finished": sum(s.finished for s in samples) / len(samples),
@@ -153,6 +161,31 @@ def pearson(x, y) -> float | None:
     x, y = x.double() - x.double().mean(), y.double() - y.double().mean()
     denom = (x.square().sum() * y.square().sum()).sqrt()
     return float((x * y).sum() / denom) if denom > 0 else None  # undefined when either side is constant
+
+
+# Token-level correlations summed over micro-batches (and ranks): the update adds each pair's moments under
+# f"{MOMENTS}{key}/{stat}", `correlations` turns them into `key` at log time.
+MOMENTS = "moments/"
+
+
+def pair_moments(x, y) -> dict:
+    """The sums Pearson(x, y) needs, in float64 (1-D tensors of the same length; device tensors, no sync)."""
+    x, y = x.detach().double(), y.detach().double()
+    return {"n": x.new_tensor(float(x.numel())), "x": x.sum(), "y": y.sum(), "xx": x.square().sum(),
+            "yy": y.square().sum(), "xy": (x * y).sum()}
+
+
+def correlations(scalars: dict) -> dict:
+    """`scalars` with each key's moment sums replaced by its Pearson correlation (omitted, not NaN, when either
+    side is constant, as `pearson` does)."""
+    out = {k: v for k, v in scalars.items() if not k.startswith(MOMENTS)}
+    for key in {k[len(MOMENTS):].rsplit("/", 1)[0] for k in scalars if k.startswith(MOMENTS)}:
+        m = {stat: scalars[f"{MOMENTS}{key}/{stat}"] for stat in ("n", "x", "y", "xx", "yy", "xy")}
+        var_x, var_y = m["xx"] - m["x"] ** 2 / m["n"], m["yy"] - m["y"] ** 2 / m["n"]
+        # relative to the sums: rounding can leave a tiny nonzero variance where the data has none
+        if var_x > 1e-9 * max(m["xx"], 1e-30) and var_y > 1e-9 * max(m["yy"], 1e-30):
+            out[key] = max(-1.0, min(1.0, (m["xy"] - m["x"] * m["y"] / m["n"]) / math.sqrt(var_x * var_y)))
+    return out
 
 
 def fmt_accuracy_change(start: dict, end: dict) -> str:

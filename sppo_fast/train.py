@@ -30,7 +30,8 @@ from sppo_fast.algos import clipped_value_loss, gae_advantages, group_advantages
 from sppo_fast.config import Args, ConfigError, algorithm, check_args  # noqa: F401
 from sppo_fast.hf import compute_dtype, head_operands, lm_head_params
 from sppo_fast.kernels import ppo_clip_loss, token_logprobs
-from sppo_fast.metrics import MetricsLogger, fmt_accuracy_change, fmt_metrics, log_step, pearson, progress_bar
+from sppo_fast.metrics import (MOMENTS, MetricsLogger, fmt_accuracy_change, fmt_metrics, log_step, pair_moments,
+                               pearson, progress_bar)
 from sppo_fast.model import hidden_states
 from sppo_fast.prepare import (Preflight, build_models, build_optimizer, check_reward_range, init_device,  # noqa: F401
                                open_run_dir, preflight, restore)
@@ -208,9 +209,19 @@ class Stepper:
             _acc(totals, f"stats/{key}", stats[key] * tok_w / args.num_minibatches)
         _acc(totals, "stats/ratio_max", stats["ratio_max"], reduce=torch.maximum)
         _acc(totals, "stats/ratio_min", stats["ratio_min"], reduce=torch.minimum)
-        adv_tok = adv if adv.shape[0] == batch.num_resp_tokens else adv.repeat_interleave(
-            torch.tensor(lengths, device=self.device))
+        per_token = torch.tensor(lengths, device=self.device)
+        adv_tok = adv if adv.shape[0] == batch.num_resp_tokens else adv.repeat_interleave(per_token)
         _acc(totals, "stats/advantage_abs", adv_tok.abs().sum() / (n_tok * args.num_minibatches))
+        # Where each token's advantage comes from, over the step's response tokens: its correlation with R (SPPO and
+        # GRPO follow R by construction; GAE with lambda < 1 weights R by lambda^(tokens to the end) and fills the
+        # rest with the critic's later values) and, for per-token values, their calibration against R (gamma = 1,
+        # one terminal reward: E[R | state] is what every token's value estimates). Sums here, correlations at log
+        # time (metrics.correlations), so micro-batches and ranks add up.
+        R_tok = R_g.repeat_interleave(per_token)
+        for key, x in (("stats/advantage_reward_pearson", adv_tok),
+                       ("value/token_pearson", old_v if self.algo.token_values else None)):
+            for stat, value in ([] if x is None else pair_moments(x, R_tok).items()):
+                _acc(totals, f"{MOMENTS}{key}/{stat}", value)
 
     def refit_value_head(self, totals):
         """--value-steps: value_steps - 1 more optimizer steps on the value head alone, each over every buffered batch
@@ -256,7 +267,7 @@ def step_if_finite(optimizer, norms, totals: dict) -> bool:
 
 
 def _acc(totals: dict, key: str, value: torch.Tensor, reduce=torch.add) -> None:
-    value = value.detach().float()
+    value = value.detach() if value.dtype == torch.float64 else value.detach().float()  # float64: moment sums
     totals[key] = value if key not in totals else reduce(totals[key], value)
 
 
@@ -275,7 +286,8 @@ def score_rewards(reward_fn, rows, samples, args) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------------------------------
 # Evaluation: greedy pass@1, sampled avg@k, and the critic's calibration (Pearson of V against R)
 @torch.no_grad()
-def evaluate(stepper, eval_rows, eval_texts, reward_fn, args) -> dict:
+def evaluate(stepper, eval_rows, eval_texts, reward_fn, args):
+    """(metrics, per-prompt rows or None), see `_evaluate`."""
     # Sample under a forked, fixed-seed RNG: evaluation neither perturbs the training trajectory (so eval_every does
     # not change what is learned, and a resumed run matches an uninterrupted one) nor varies its own noise by step.
     devices = [stepper.device] if stepper.device.type == "cuda" else []
@@ -287,7 +299,8 @@ def evaluate(stepper, eval_rows, eval_texts, reward_fn, args) -> dict:
                          reward_fn, args)
 
 
-def _evaluate(stepper, eval_rows, eval_texts, reward_fn, args) -> dict:
+def _evaluate(stepper, eval_rows, eval_texts, reward_fn, args):
+    """(metrics, per-prompt rows or None: --log-eval-samples)."""
     greedy = stepper.generate(eval_texts, greedy=True)
     R_greedy = score_rewards(reward_fn, eval_rows, greedy, args)
     sampled = stepper.generate(eval_texts, num_samples=args.eval_k, temperature=args.temperature, top_p=args.top_p)
@@ -296,17 +309,25 @@ def _evaluate(stepper, eval_rows, eval_texts, reward_fn, args) -> dict:
     R_greedy, R_sampled, lengths = map(distributed.all_gather_cat, (R_greedy, R_sampled, lengths))  # all ranks'
     out = {"eval/pass@1": R_greedy.mean().item(), f"eval/avg@{args.eval_k}": R_sampled.mean().item(),
            "eval/response_len": lengths.mean().item()}
+    V = None
     if stepper.algo.value != "none":
         values = []
         for start in range(0, len(greedy), 64):
             batch = stepper.pack(greedy, list(range(start, min(start + 64, len(greedy)))))
             values.append(stepper.algo.prompt_values(stepper.forward(batch)[3], batch.cu_seqlens[:-1]).cpu())
-        # each prompt's V against each of its k samples (torchrun: all ranks', in the order of R_sampled)
-        V = distributed.all_gather_cat(torch.cat(values)).repeat_interleave(args.eval_k)
+        V = distributed.all_gather_cat(torch.cat(values))  # one per prompt (torchrun: all ranks', in rank order)
+        # each prompt's V against each of its k samples
         out["eval/value_mean"] = V.mean().item()
-        if (r := pearson(V, R_sampled)) is not None:  # omitted, not NaN, when all rewards (or values) are equal
-            out["eval/value_pearson"] = r
-    return out
+        if (r := pearson(V.repeat_interleave(args.eval_k), R_sampled)) is not None:  # omitted, not NaN, when all
+            out["eval/value_pearson"] = r                                            # rewards (or values) are equal
+    if not args.log_eval_samples:
+        return out, None
+    # torchrun: the ranks hold contiguous slices of the eval set, so rank order is eval-set order
+    texts = distributed.all_gather_list([(row["prompt"], s.text) for row, s in zip(eval_rows, greedy)])
+    k = args.eval_k
+    return out, [{"index": i, "prompt": prompt, "greedy": text, "reward": R_greedy[i].item(),
+                  "sampled_rewards": R_sampled[i * k:(i + 1) * k].tolist(), "value": None if V is None else V[i].item()}
+                 for i, (prompt, text) in enumerate(texts)]
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -359,8 +380,10 @@ def main(args: Args, interrupts, where: dict) -> dict:
         return progress["ckpt"]
 
     def run_eval(step, key=None):
-        ev = evaluate(stepper, pre.eval_rows, pre.eval_texts, reward_fn, args)
+        ev, per_prompt = evaluate(stepper, pre.eval_rows, pre.eval_texts, reward_fn, args)
         logger.log(step, {**ev, **counters})
+        if per_prompt is not None:
+            logger.log_eval_samples(step, per_prompt)
         if key is not None:
             history[key] = ev
         return ev

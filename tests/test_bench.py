@@ -55,6 +55,18 @@ def test_bench_learning_quick(tmp_path):
     table = (tmp_path / "h.md").read_text()
     assert "| 20 | " in table and "| SPPO (shared head) |" in table and "| GRPO G=4 |" in table
     assert (tmp_path / "h.png").stat().st_size > 10_000
+    # the token statistics of the chosen configurations, from reruns that must reproduce the committed runs
+    cal = tmp_path / "cal"
+    proc = subprocess.run([sys.executable, str(BENCH / "bench_value_calibration.py"), "--from", str(prefix),
+                           "--algos", "sppo,grpo4", "--seed", "0", "--fresh-seeds", "0", "--out", str(cal)],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    reruns = jsonl_rows(str(cal) + ".jsonl")[1:]
+    assert [r["algo"] for r in reruns] == ["sppo", "grpo4"] and all(r["reproduces"] for r in reruns)
+    for r in reruns:  # a Pearson per step (None where R or A was constant in that step)
+        assert len(r["train_advantage_reward_pearson"]) == r["steps"]
+        assert all(x is None or -1 <= x <= 1 for x in r["train_advantage_reward_pearson"])
+    assert "| 20 | SPPO (shared head) | yes |" in (cal.parent / "cal.md").read_text()
 
 
 def test_bench_learning_quick_refuses_results_dir(tmp_path):

@@ -16,10 +16,11 @@ from sppo_fast import checkpoint
 from sppo_fast.cli import build_args
 from sppo_fast.cli import main as cli_main
 from sppo_fast.hf import lm_head_params
-from sppo_fast.model import hidden_states, load_policy, load_tokenizer
+from sppo_fast.metrics import MetricsLogger, correlations, pearson
+from sppo_fast.model import hidden_states, load_critic, load_policy, load_tokenizer
 from sppo_fast.rollout import Sample, pack
 from sppo_fast.tiny import default_model_path
-from sppo_fast.train import Args, ConfigError, Stepper, main, value_loss_fn
+from sppo_fast.train import Args, ConfigError, Stepper, gae_advantages, main, value_loss_fn
 from sppo_fast.value_head import ValueHead
 
 FAST = ["--steps", "2", "--batch-size", "8", "--eval-size", "8", "--eval-k", "1", "--eval-every", "0",
@@ -122,6 +123,45 @@ def test_losses_match_a_hand_computation():
     assert totals["losses/policy"].item() == pytest.approx(pg, rel=1e-5, abs=1e-6)
     assert totals["losses/value"].item() == pytest.approx(bce, rel=1e-5)
     assert value_loss_fn(vs, R, "bce").item() == pytest.approx(bce)
+    # the advantage's correlation with R over response tokens, summed over the micro-batches (7 tokens each)
+    lengths = torch.tensor([len(s.response_ids) for s in samples])
+    A_tok = (R - torch.sigmoid(vs)).repeat_interleave(lengths)
+    logged = correlations({k: v.item() for k, v in totals.items()})
+    assert logged["stats/advantage_reward_pearson"] == pytest.approx(pearson(A_tok, R.repeat_interleave(lengths)))
+    assert "value/token_pearson" not in logged and not any(k.startswith("moments/") for k in logged)
+
+
+def test_ppo_logs_its_token_values_calibration_and_gae_advantage_correlation():
+    """PPO (lambda 0.9) on a fixed batch in several micro-batches: the logged Pearson of the critic's per-token
+    values against R and of the GAE advantages against R, recomputed from a forward of the critic."""
+    torch.manual_seed(0)
+    args = Args(algo="ppo", gae_lambda=0.9, lr=0.0, value_lr=0.0, max_grad_norm=0.0, micro_batch_tokens=7,
+                critic=default_model_path())
+    tok = load_tokenizer(default_model_path())
+    cpu = torch.device("cpu")
+    policy = load_policy(default_model_path(), device=cpu, attn_implementation="sdpa")
+    critic = load_critic(default_model_path(), device=cpu, attn_implementation="sdpa")
+    head = ValueHead(critic.config.hidden_size)
+    torch.nn.init.normal_(head.linear.weight, std=0.3)  # values that differ by token
+    opt = torch.optim.SGD([{"params": list(policy.parameters()), "lr": 0.0},
+                           {"params": [*critic.parameters(), *head.parameters()], "lr": 0.0}])
+    stepper = Stepper(args, policy, head, opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0), tok, cpu,
+                      critic=critic)
+    enc = lambda s: tok(s, add_special_tokens=True)["input_ids"]
+    samples = [Sample(enc("12+3="), enc("12+3=15;15"), "", True, 0), Sample(enc("7+8+1="), enc("7+8=14,1"), "", False, 1),
+               Sample(enc("3+4="), enc("3+4=7;7"), "", True, 2), Sample(enc("9+9="), enc("18;17"), "", True, 3)]
+    R = torch.tensor([1.0, 0.0, 1.0, 0.0])
+    totals, _ = stepper.update(samples, R, None, check_values=True)
+
+    lengths = [len(s.response_ids) for s in samples]
+    with torch.no_grad():  # the critic's value before each response token, one sample at a time
+        V = torch.cat([head(critic(input_ids=torch.tensor([s.prompt_ids + s.response_ids])).last_hidden_state[0]
+                            [len(s.prompt_ids) - 1:-1]) for s in samples])
+    A = gae_advantages(V, R, lengths, 0.9)
+    R_tok = R.repeat_interleave(torch.tensor(lengths))
+    logged = correlations({k: v.item() for k, v in totals.items()})
+    assert logged["value/token_pearson"] == pytest.approx(pearson(V, R_tok), abs=1e-5)
+    assert logged["stats/advantage_reward_pearson"] == pytest.approx(pearson(A, R_tok), abs=1e-5)
 
 
 def test_packed_and_padded_layouts_give_the_same_hidden_rows():
@@ -344,3 +384,39 @@ def test_other_architecture_from_a_directory_with_jsonl_and_math_reward(tmp_path
     steps = [r for r in read_metrics(run_dir) if "losses/policy" in r]
     assert len(steps) == 2 and all(math.isfinite(r["losses/policy"]) for r in steps)
     assert (checkpoint.list_checkpoints(run_dir)[-1] / "policy" / "config.json").is_file()
+
+
+def test_log_eval_samples_writes_each_evaluations_per_prompt_results(tmp_path):
+    _, run_dir = run(tmp_path, "--log-eval-samples", "--eval-every", "1", "--eval-k", "2", "--steps", "2")
+    rows = [json.loads(line) for line in (run_dir / "eval_samples.jsonl").read_text().splitlines()]
+    evals = [r for r in read_metrics(run_dir) if "eval/pass@1" in r]
+    assert [e["step"] for e in evals] == [0, 1, 2]
+    for e in evals:  # one row per eval prompt, in eval-set order, whose means are the logged metrics
+        mine = [r for r in rows if r["step"] == e["step"]]
+        assert [r["index"] for r in mine] == list(range(8))
+        assert all(len(r["sampled_rewards"]) == 2 and r["prompt"] and isinstance(r["greedy"], str) for r in mine)
+        assert sum(r["reward"] for r in mine) / 8 == pytest.approx(e["eval/pass@1"])
+        assert sum(sum(r["sampled_rewards"]) for r in mine) / 16 == pytest.approx(e["eval/avg@2"])
+        assert sum(r["value"] for r in mine) / 8 == pytest.approx(e["eval/value_mean"], rel=1e-5)
+    # resuming from step 1 drops what a run logged after it, as it does in metrics.jsonl
+    MetricsLogger(run_dir, tensorboard=False, resume_step=1).close()
+    kept = [json.loads(line)["step"] for line in (run_dir / "eval_samples.jsonl").read_text().splitlines()]
+    assert sorted(set(kept)) == [0, 1] and len(kept) == 16
+    _, quiet = run(tmp_path, name="quiet")
+    assert not (quiet / "eval_samples.jsonl").exists()
+
+
+def test_correlations_from_summed_moments():
+    """Moment sums added over parts (micro-batches, ranks) give the Pearson of the whole; a constant side gives no
+    key (as `pearson` returns None), and the sums never reach the log."""
+    from sppo_fast.metrics import MOMENTS, pair_moments
+
+    torch.manual_seed(0)
+    x, y = torch.randn(50), (torch.rand(50) > 0.5).float()
+    sums = {}
+    for part in (slice(0, 13), slice(13, 50)):
+        for stat, v in pair_moments(x[part], y[part]).items():
+            sums[f"{MOMENTS}a/{stat}"] = sums.get(f"{MOMENTS}a/{stat}", 0.0) + v.item()
+        for stat, v in pair_moments(x[part], torch.ones(part.stop - part.start)).items():
+            sums[f"{MOMENTS}b/{stat}"] = sums.get(f"{MOMENTS}b/{stat}", 0.0) + v.item()
+    assert correlations({**sums, "other": 1.0}) == {"a": pytest.approx(pearson(x, y), abs=1e-12), "other": 1.0}
