@@ -669,9 +669,9 @@ def free_markdown(opts, free, comps, horizon):
           "Welch-Satterthwaite df), first conditional on this eval set, then with p_a(1−p_a)/N + p_b(1−p_b)/N "
           "added to the variance of the difference at the same df (eval-set noise as if independent between the two "
           "algorithms: an upper bound, since they share the prompts, so that p is conservative). With n=2 a side the test has "
-          "1-2 df and little power: a large p is not evidence of a tie. The rows do not yet hold per-prompt "
-          "results (added from 2026-12 on: `final_pass1_per_prompt`, `final_avgk_counts`), so no paired bootstrap "
-          "over prompts yet.", ""]
+          "1-2 df and little power: a large p is not evidence of a tie. Only runs made from 2026-12-07 on hold "
+          "per-prompt results (`final_pass1_per_prompt`, `final_avgk_counts`), not every seed here, so there is no "
+          "paired bootstrap over prompts.", ""]
     return L
 
 

@@ -316,10 +316,10 @@ def _evaluate(stepper, eval_rows, eval_texts, reward_fn, args):
             batch = stepper.pack(greedy, list(range(start, min(start + 64, len(greedy)))))
             values.append(stepper.algo.prompt_values(stepper.forward(batch)[3], batch.cu_seqlens[:-1]).cpu())
         V = distributed.all_gather_cat(torch.cat(values))  # one per prompt (torchrun: all ranks', in rank order)
-        # each prompt's V against each of its k samples
         out["eval/value_mean"] = V.mean().item()
-        if (r := pearson(V.repeat_interleave(args.eval_k), R_sampled)) is not None:  # omitted, not NaN, when all
-            out["eval/value_pearson"] = r                                            # rewards (or values) are equal
+        # each prompt's V against each of its k samples; omitted, not NaN, when all rewards (or values) are equal
+        if (r := pearson(V.repeat_interleave(args.eval_k), R_sampled)) is not None:
+            out["eval/value_pearson"] = r
     if not args.log_eval_samples:
         return out, None
     # torchrun: the ranks hold contiguous slices of the eval set, so rank order is eval-set order
