@@ -155,7 +155,7 @@ def worker(spec_path: str) -> int:
     probe = {"rollout_peak": [], "update_peak": [], "before_train": None, "static": {}}
 
     # no evaluation, no checkpoint: the process measures training steps only
-    train.evaluate = lambda *a, **k: {}
+    train.evaluate = lambda *a, **k: ({}, None)  # (metrics, per-prompt rows)
     checkpoint.save = lambda *a, **k: None
 
     gen = train.generate

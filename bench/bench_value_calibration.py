@@ -57,12 +57,11 @@ def parse(argv=None):
 def chosen_spec(source, algo, seed, fresh_seeds):
     """(spec of `algo`'s chosen configuration at `seed`, the committed row of that run, the benchmark's env row)."""
     ro, env, _, done = bl.reopen(source, "sd", fresh_seeds)
-    planner = bl.Planner(ro, env["preset"], env["model_path"])
-    if not planner.plan(algo, done)[1]:
-        raise SystemExit(f"{source}: {algo}'s protocol runs are not finished; run bench_learning.py first")
-    spec = next((s for s in planner.best(algo, done) if s["seed"] == seed), None)
-    if spec is None:
-        raise SystemExit(f"{source}: seed {seed} is not one of {algo}'s seeds {ro.seeds}")
+    spec = next((s for s in bl.Planner(ro, env["preset"], env["model_path"]).best(algo, done) if s["seed"] == seed),
+                None)
+    if spec is None or spec["key"] not in done:
+        raise SystemExit(f"{source}: {algo}'s chosen configuration has no finished run at seed {seed} (seeds "
+                         f"{ro.seeds}); run bench_learning.py first")
     return spec, done[spec["key"]], env
 
 
@@ -80,6 +79,7 @@ def inputs(env, cache):
 
 
 def run(o, prefix):
+    env = {**bl.environment(), "settings": {k: v for k, v in vars(o).items() if k != "report"}}  # as the runs start
     jsonl = prefix.with_name(prefix.name + ".jsonl")
     done = {}
     if jsonl.is_file():  # resume: finished reruns are kept
@@ -116,7 +116,6 @@ def run(o, prefix):
         rows.append({**r, "source": str(source), "reproduces": all(same.values()), "reproduced": same,
                      "committed_final_pass1": committed["final_pass1"], "committed_final_avgk": committed["final_avgk"],
                      "horizon": spec["horizon"]})
-    env = {**bl.environment(), "settings": {k: v for k, v in vars(o).items() if k != "report"}}
     jsonl.write_text("".join(json.dumps(x) + "\n" for x in [env, *rows]))
     return env, rows
 

@@ -212,8 +212,8 @@ class Stepper:
         per_token = torch.tensor(lengths, device=self.device)
         adv_tok = adv if adv.shape[0] == batch.num_resp_tokens else adv.repeat_interleave(per_token)
         _acc(totals, "stats/advantage_abs", adv_tok.abs().sum() / (n_tok * args.num_minibatches))
-        # Where each token's advantage comes from, over the step's response tokens: its correlation with R (SPPO and
-        # GRPO follow R by construction; GAE with lambda < 1 weights R by lambda^(tokens to the end) and fills the
+        # Where each token's advantage comes from, over the step's response tokens: its correlation with R (SPPO's is
+        # R minus a per-prompt baseline; GAE with lambda < 1 weights R by lambda^(tokens to the end) and fills the
         # rest with the critic's later values) and, for per-token values, their calibration against R (gamma = 1,
         # one terminal reward: E[R | state] is what every token's value estimates). Sums here, correlations at log
         # time (metrics.correlations), so micro-batches and ranks add up.
