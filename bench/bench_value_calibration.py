@@ -33,7 +33,7 @@ ALGOS = "sppo,grpo8,ppo,ppo_l1"
 def parse(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
-    ap.add_argument("--from", dest="sources", action="append", required=True,
+    ap.add_argument("--from", dest="sources", action="append", default=[],
                     help="prefix of a finished bench_learning JSONL (repeat for several horizons)")
     ap.add_argument("--algos", action="append", default=None,
                     help=f"comma list per --from, in the same order (default for each: {ALGOS})")
@@ -45,6 +45,8 @@ def parse(argv=None):
     ap.add_argument("--out", default="", help="output prefix (default bench/results/calibration-cpu-<date>)")
     ap.add_argument("--report", action="store_true", help="re-render .md/.png from an existing --out JSONL")
     o = ap.parse_args(argv)
+    if not o.sources and not o.report:
+        ap.error("give --from PREFIX (a finished bench_learning JSONL), or --report with --out")
     o.algos = [a.split(",") for a in (o.algos or [ALGOS] * len(o.sources))]
     if len(o.algos) != len(o.sources):
         ap.error(f"--algos given {len(o.algos)} times for {len(o.sources)} --from")
@@ -172,13 +174,14 @@ def plot(path, rows):
     import matplotlib.pyplot as plt
 
     horizons = sorted({r["horizon"] for r in rows})
+    color = {a: f"C{i}" for i, a in enumerate(bl.ALGOS)}  # one colour per algorithm in every panel
     fig, axes = plt.subplots(2, len(horizons), figsize=(5.2 * len(horizons), 7), squeeze=False, sharey="row")
     for j, h in enumerate(horizons):
         for r in (r for r in rows if r["horizon"] == h):
             for i, key in enumerate(("train_advantage_reward_pearson", "train_token_value_pearson")):
                 ys = [float("nan") if y is None else y for y in r.get(key) or []]
                 if any(y == y for y in ys):
-                    axes[i][j].plot(range(1, len(ys) + 1), ys, label=r["label"], lw=1.2)
+                    axes[i][j].plot(range(1, len(ys) + 1), ys, label=r["label"], lw=1.2, color=color[r["algo"]])
         axes[0][j].set_title(f"horizon {h}: Pearson(advantage, R) over response tokens", fontsize=9)
         axes[1][j].set_title(f"horizon {h}: Pearson(critic V(s_t), R), PPO's per-token critic", fontsize=9)
         for i in range(2):
