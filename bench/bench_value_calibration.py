@@ -89,9 +89,9 @@ def run(o, prefix):
     specs, cache = [], {}
     for source, algos in zip(o.sources, o.algos):
         for algo in algos:
-            spec, committed, env = chosen_spec(source, algo, o.seed, o.fresh_seeds)
+            spec, committed, bench_env = chosen_spec(source, algo, o.seed, o.fresh_seeds)
             if source not in cache:
-                cache[source] = inputs(env, o.model_cache)
+                cache[source] = inputs(bench_env, o.model_cache)
             model, data_flags = cache[source]
             spec = {**spec, "data_flags": data_flags, **({"model": model, "model_path": model} if model else {})}
             specs.append((spec, committed, source))
