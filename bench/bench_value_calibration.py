@@ -162,8 +162,8 @@ def write_markdown(path, env, rows, png):
                      f"{r['evals'][-1]['response_len']:.0f} | "
                      + " / ".join(f2(s[f"adv_{p}"]) for p in ("first10", "last10", "all")) + f" | {tokv} | "
                      + ("1 (per sequence)" if s["gae_r_weight"] is None else f"{s['gae_r_weight']:.2f}") + " |")
-    lines += ["", "R's mean weight in A_t: (1 − λ^T) / ((1 − λ) T) at the final eval's mean greedy response length T "
-              "(GAE with γ = 1; SPPO and GRPO give every token R itself, minus a baseline).", "",
+    lines += ["", "R's mean weight in A_t: (1 − λ^T) / ((1 − λ) T) at the final eval's mean greedy response length "
+              "T (GAE with γ = 1; SPPO and GRPO give every token R itself, minus a baseline).", "",
               f"![per-step statistics]({png.name})", ""]
     path.write_text("\n".join(lines))
 

@@ -114,7 +114,7 @@ def _worker(rank, port, model_path, out_dir):
     stepper = resume(checkpoint.resolve(out_dir / "single_run"))
     res["resumed_totals"] = update(stepper, *fixed_batch(tok, 1))
     # the CLI's loop end to end: rollouts, eval, metrics, checkpoints (SPPO with 2 minibatches: the scoring pass)
-    res["main"] = main(build_args([*SMOKE, "--model", model_path, "--num-minibatches", "2",
+    res["main"] = main(build_args([*SMOKE, "--model", model_path, "--num-minibatches", "2", "--log-eval-samples",
                                    "--out-dir", str(out_dir), "--run-name", "main2"]))
     if distributed.is_main():
         torch.save(res, out_dir / "rank0.pt")
@@ -222,9 +222,19 @@ def test_main_under_two_ranks_logs_once_and_resumes_on_one(single, two_ranks, mo
     assert two_ranks["main"]["step"] == 2 and "eval/pass@1" in two_ranks["main"]["end"]
     assert [p.name for p in checkpoint.list_checkpoints(run_dir)] == ["step_000001", "step_000002"]
     # the 2-rank run resumed by one process (no process group): continues at step 3
-    result = main(build_args([*SMOKE, "--model", model_path, "--steps", "3", "--resume", str(run_dir)]))
+    result = main(build_args([*SMOKE, "--model", model_path, "--steps", "3", "--resume", str(run_dir),
+                              "--log-eval-samples"]))
     assert result["step"] == 3 and not torch.distributed.is_initialized()
     assert "resumed from" in capsys.readouterr().out
+    # per-prompt eval rows: both ranks' halves, gathered in eval-set order (the one-process step 3 has the same
+    # prompts in the same order), once per evaluation, their mean the logged pass@1
+    samples = [json.loads(line) for line in (run_dir / "eval_samples.jsonl").read_text().splitlines()]
+    by_step = {s: [r for r in samples if r["step"] == s] for s in (0, 1, 2, 3)}
+    assert all([r["index"] for r in rows_] == [0, 1, 2, 3] for rows_ in by_step.values())
+    assert len({tuple(r["prompt"] for r in rows_) for rows_ in by_step.values()}) == 1
+    evals = {r["step"]: r["eval/pass@1"] for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())
+             if "eval/pass@1" in r}
+    assert all(sum(r["reward"] for r in by_step[s]) / 4 == pytest.approx(evals[s]) for s in by_step)
 
 
 if __name__ == "__main__":

@@ -148,7 +148,8 @@ def test_ppo_logs_its_token_values_calibration_and_gae_advantage_correlation():
     stepper = Stepper(args, policy, head, opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0), tok, cpu,
                       critic=critic)
     enc = lambda s: tok(s, add_special_tokens=True)["input_ids"]
-    samples = [Sample(enc("12+3="), enc("12+3=15;15"), "", True, 0), Sample(enc("7+8+1="), enc("7+8=14,1"), "", False, 1),
+    samples = [Sample(enc("12+3="), enc("12+3=15;15"), "", True, 0),
+               Sample(enc("7+8+1="), enc("7+8=14,1"), "", False, 1),
                Sample(enc("3+4="), enc("3+4=7;7"), "", True, 2), Sample(enc("9+9="), enc("18;17"), "", True, 3)]
     R = torch.tensor([1.0, 0.0, 1.0, 0.0])
     totals, _ = stepper.update(samples, R, None, check_values=True)
