@@ -429,6 +429,18 @@ def run_all(opts, planner, done, jsonl_path, work_dir):
         time.sleep(0.5)
 
 
+def run_specs(specs, done, jsonl_path, work_dir, *, workers, run_timeout):
+    """`run_all` over a fixed list of specs, no planning (the estimate's timed runs, bench_value_calibration's
+    reruns); returns the failed ones."""
+    class Fixed:  # run_all's planner interface
+        def plan(self, algo, _done):
+            return [s for s in specs if s["algo"] == algo], True
+
+    opts = argparse.Namespace(workers=workers, run_timeout=run_timeout, eval_k=specs[0]["eval_k"],
+                              algos=list(dict.fromkeys(s["algo"] for s in specs)))
+    return run_all(opts, Fixed(), done, jsonl_path, work_dir)
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # analysis
 def mean_curve(rows, x="tokens", y="pass1"):
@@ -1126,15 +1138,8 @@ def estimate(o, planner, preset, model_path, built, work_dir, prefix) -> int:
                     data_flags=(small_flags if small else o.data_flags) + ["--min-new-tokens", str(L)],
                     key=f"estimate__{a}__h{o.horizon}_L{L}_st{o.estimate_steps}")
         specs.append(spec)
-    opts = argparse.Namespace(**{**vars(o), "workers": 1, "eval_k": 1})
     done = {}
-
-    class Fixed:  # run_all's planner interface over a fixed list of specs
-        def plan(self, algo, _done):
-            return [s for s in specs if s["algo"] == algo], True
-
-    opts.algos = timed
-    failed = run_all(opts, Fixed(), done, work_dir / "estimate.jsonl", work_dir)
+    failed = run_specs(specs, done, work_dir / "estimate.jsonl", work_dir, workers=1, run_timeout=o.run_timeout)
     if failed:
         print(f"estimate runs failed: {list(failed)}", file=sys.stderr)
         return 1

@@ -99,15 +99,9 @@ def run(o, prefix):
     if todo:
         work_dir = Path(tempfile.gettempdir()) / f"sppo_bench_{prefix.name}"
         work_dir.mkdir(parents=True, exist_ok=True)
-
-        class Fixed:  # bench_learning.run_all's planner interface over a fixed list of specs
-            def plan(self, algo, _done):
-                return [s for s in todo if s["algo"] == algo], True
-
-        opts = argparse.Namespace(workers=o.workers, run_timeout=o.run_timeout, eval_k=todo[0]["eval_k"],
-                                  algos=sorted({s["algo"] for s in todo}))
         fresh = {}
-        failed = bl.run_all(opts, Fixed(), fresh, work_dir / "runs.jsonl", work_dir.resolve())
+        failed = bl.run_specs(todo, fresh, work_dir / "runs.jsonl", work_dir.resolve(), workers=o.workers,
+                              run_timeout=o.run_timeout)
         if failed:
             raise SystemExit(f"{len(failed)} rerun(s) failed: {list(failed)}; rerun the same command to retry")
         done.update({k: {**r, "kind": "rerun"} for k, r in fresh.items()})

@@ -249,9 +249,9 @@ def test_a_budget_that_only_qlora_meets_chooses_it_and_checks_its_packages(tmp_p
 
     model = _wide_model(tmp_path / "wide")
     shape = memory.model_shape(model)
-    need = {lv: max(memory._fits(shape, lv, 1 << 50, 64, 48, False, "auto")[0].update_peak,
-                    memory._fits(shape, lv, 1 << 50, 64, 48, False, "auto")[0].rollout_peak)
-            for lv in ("fp32", "ckpt", "bf16", "8bit", "qlora")}
+    plans = {lv: memory._fits(shape, lv, 1 << 50, 64, 48, False, "auto")[0]
+             for lv in ("fp32", "ckpt", "bf16", "8bit", "qlora")}
+    need = {lv: max(plan.update_peak, plan.rollout_peak) for lv, plan in plans.items()}
     budget = math.ceil(need["qlora"] * 1.05 / (1 - memory.RESERVE_FRACTION))
     assert budget * (1 - memory.RESERVE_FRACTION) < min(need[lv] for lv in ("fp32", "ckpt", "bf16", "8bit"))
     flags = ["--model", str(model), "--memory-budget", str(budget), "--max-prompt-tokens", "48",
